@@ -1,3 +1,37 @@
-"""hemaseg: find and measure lesions in 2-D ultrasound with a UNet."""
+"""hemaseg: find and measure lesions in 2-D ultrasound with a UNet.
+
+Python API::
+
+    import hemaseg
+    model = hemaseg.load_model("runs/my-run")      # a run folder or a .pt checkpoint
+    pred = model.predict(image_array)                # HxW or HxWxC, any dtype
+    pred.prob, pred.mask, pred.area_px               # at the image's original size
+    hemaseg.train_model("data/", "runs/x", epochs=20)  # any config key as a keyword
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_model": ("predict", "load_model"),
+    "Predictor": ("predict", "Predictor"),
+    "Prediction": ("predict", "Prediction"),
+    "train_model": ("train", "train_model"),
+    "fit": ("train", "fit"),
+    "build_model": ("models", "build_model"),
+    "ModelConfig": ("models", "ModelConfig"),
+    "RunConfig": ("config", "RunConfig"),
+    "check_dataset": ("data", "check_dataset"),
+    "write_synthetic_dataset": ("synth", "write_synthetic_dataset"),
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    """Import on first use, so `hemaseg --help` does not pay for torch and MONAI."""
+    if name in _API:
+        import importlib
+
+        module, attr = _API[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'hemaseg' has no attribute {name!r}")

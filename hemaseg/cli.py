@@ -1,0 +1,249 @@
+"""The `hemaseg` command line. The only module that reads argv; every command calls library functions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("hemaseg")
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="F",
+                   help="binarise non-binary masks at F x the mask dtype's maximum (e.g. 0.5); "
+                        "without it a mask must hold exactly two values")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--size", type=int, help="training size in pixels (multiple of 16); scans are letterboxed "
+                                            "to size x size with their aspect ratio kept (default 256)")
+    g.add_argument("--normalize", choices=["zscore", "unit"], help="intensity normalisation (default zscore)")
+    g.add_argument("--val-fraction", type=float, help="share of scans held out for validation (default 0.2)")
+    g.add_argument("--split-seed", type=int, help="seed of the train/val split (default 0)")
+    g.add_argument("--split-file", help="JSON {'train': [...], 'val': [...]} of scan names to use instead")
+    g.add_argument("--groups", dest="groups_file", metavar="CSV",
+                   help="CSV of image name + group (group/dup_group/patient column): a group never spans "
+                        "train and val (default: DATA/manifest.csv when it has such a column)")
+    g.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", dest="arch", choices=["seed", "unet"],
+                   help="'seed' = the original 487,449-parameter network (default); 'unet' = configurable")
+    g.add_argument("--base-width", type=int, help="channels at the first level of 'unet' (default 8)")
+    g.add_argument("--depth", type=int, help="pooling steps of 'unet' (default 4)")
+    g.add_argument("--norm", choices=["batch", "instance", "group", "none"], help="normalisation layers of 'unet'")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="training epochs (default 30)")
+    g.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="fit the number of epochs to M minutes of wall time (measured after the first epoch)")
+    g.add_argument("--batch-size", type=int, help="images per step (default 8)")
+    g.add_argument("--lr", type=float, help="peak AdamW learning rate (default 3e-3)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length before cosine decay (default 1)")
+    g.add_argument("--seed", type=int, help="seed of weights, batch order and augmentation (default 0)")
+    g.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default auto)")
+    g.add_argument("--num-workers", type=int, help="data-loader worker processes (default 0)")
+    g.add_argument("--threshold", type=float, help="probability threshold for masks (default 0.5)")
+    g.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    g.add_argument("--config", metavar="JSON", help="a config.json (e.g. from an earlier run) to start from; "
+                                                    "flags given here override it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="hemaseg", description="Find and measure lesions in 2-D ultrasound.")
+    parser.add_argument("--version", action="version", version=f"hemaseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write synthetic ultrasound scans with known lesions",
+                       description="Write OUT/images/N.png and OUT/mask/N.png: synthetic B-mode scans "
+                                   "(speckle, tissue layers, lesions), deterministic for a seed.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=200, help="number of scans (default 200)")
+    p.add_argument("--size", type=int, default=256, help="scan size in pixels, square (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; scan i depends only on (seed, i) (default 0)")
+
+    p = sub.add_parser("check", help="check a dataset folder and list every problem",
+                       description="Count and measure DATA (images/ + mask/ or masks/) and report every problem "
+                                   "as one line naming the file. Exit status 1 when problems were found.")
+    p.add_argument("data", help="dataset folder")
+    _add_data_flags(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("train", help="train a model on a dataset folder",
+                       description="Train a UNet on DATA and write RUN/ (config.json, splits.json, best.pt, "
+                                   "last.pt, metrics.csv, curves.png).")
+    p.add_argument("data", nargs="?", help="dataset folder (not needed with --resume)")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (same result as uninterrupted); with --epochs N, extend it to N epochs")
+    _add_train_flags(p)
+
+    p = sub.add_parser("evaluate", help="score a trained model on a labelled dataset",
+                       description="Predict every scan of DATA with RUN's best model and write per-image Dice/IoU "
+                                   "(per_image.csv) and summary.json.")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("data", help="labelled dataset folder")
+    p.add_argument("--out", help="output folder (default RUN/eval)")
+    p.add_argument("--split", choices=["all", "val", "train"], default="all",
+                   help="score all of DATA (default), or only the run's val/train split of it")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_data_flags(p)
+
+    p = sub.add_parser("predict", help="segment new scans",
+                       description="For each image: NAME_mask.png (0/255, original size), NAME_overlay.png "
+                                   "(outline on the scan) and predictions.csv with lesion measurements.")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the run's)")
+    p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+
+    p = sub.add_parser("demo", help="synthesize, train, evaluate, predict and report in a few minutes",
+                       description="End to end on built-in synthetic scans: writes OUT/data, OUT/test, OUT/run, "
+                                   "OUT/eval, OUT/predictions and OUT/report.html.")
+    p.add_argument("--out", default="hemaseg-demo", help="output folder (default ./hemaseg-demo)")
+    p.add_argument("--n", type=int, default=300, help="training + validation scans (default 300)")
+    p.add_argument("--n-test", type=int, default=60, help="held-out test scans (default 60)")
+    p.add_argument("--size", type=int, default=128, help="scan and training size (default 128)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
+    return parser
+
+
+def _train_config(args: argparse.Namespace):
+    from .config import RunConfig
+
+    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    base = {k: v for k, v in base.items() if k in ("data", "model", "augment", "train")}
+    sections: dict[str, dict] = {s: dict(base.get(s, {})) for s in ("data", "model", "augment", "train")}
+    owners = {
+        "data": ("size", "normalize", "val_fraction", "split_seed", "split_file", "groups_file", "mask_threshold"),
+        "model": ("arch", "base_width", "depth", "norm"),
+        "train": ("epochs", "budget_minutes", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
+                  "device", "num_workers", "threshold"),
+    }
+    for section, keys in owners.items():
+        for key in keys:
+            value = getattr(args, key)
+            if value is not None:
+                sections[section][key] = value
+    if sections["model"].get("arch") is None and any(k in sections["model"] for k in ("base_width", "depth", "norm")):
+        sections["model"]["arch"] = "unet"
+    if args.no_augment:
+        sections["augment"] = {k: 0.0 for k in ("hflip", "vflip", "affine_p", "gamma_p", "contrast_p", "blur_p",
+                                                 "noise_p", "speckle_p")}
+    sections["data"]["root"] = str(args.data)
+    return RunConfig.from_dict(sections)
+
+
+def cmd_synth(args) -> int:
+    from .synth import write_synthetic_dataset
+
+    t = time.perf_counter()
+    out = write_synthetic_dataset(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {args.n} scans to {out}/images and {out}/mask in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .data import check_dataset
+
+    report = check_dataset(args.data, mask_threshold=args.mask_threshold, progress=not args.quiet)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_train(args) -> int:
+    from .config import RunConfig
+    from .train import fit
+
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
+        cfg = RunConfig.load(run / "config.json")
+        if args.epochs is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=args.epochs))
+        summary = fit(cfg, run, resume=True, progress=not args.quiet)
+    else:
+        if not args.data or not args.out:
+            raise ValueError("train needs DATA and --out RUN (or --resume RUN)")
+        summary = fit(_train_config(args), args.out, progress=not args.quiet)
+    print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+          f"of {summary['epochs']} ({summary['train_s']:.0f} s); run written to {summary['run']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_summary, run_split_names
+    from .predict import load_model
+
+    predictor = load_model(args.run, device=args.device, threshold=args.threshold)
+    names = None
+    if args.split != "all":
+        names = run_split_names(args.run, args.split)
+        if names is None:
+            raise FileNotFoundError(f"{args.run}/splits.json: needed for --split {args.split}")
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    out = Path(args.out) if args.out else run_dir / "eval"
+    result = evaluate(predictor, args.data, out, names=names, mask_threshold=args.mask_threshold,
+                      progress=not args.quiet)
+    print(f"evaluation of {predictor.metadata['checkpoint']} on {args.data} ({args.split}):")
+    print(format_summary(result["summary"]))
+    print(f"per-image metrics: {out / 'per_image.csv'}; summary: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import load_model, predict_files
+
+    predictor = load_model(args.run, device=args.device, threshold=args.threshold)
+    rows = predict_files(predictor, args.inputs, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
+                         progress=not args.quiet)
+    found = sum(r["n_lesions"] > 0 for r in rows)
+    print(f"segmented {len(rows)} image(s), {found} with a lesion; masks, overlays and predictions.csv in {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    paths = run_demo(args.out, n=args.n, n_test=args.n_test, size=args.size, epochs=args.epochs, seed=args.seed,
+                     progress=not args.quiet)
+    print("demo finished; everything is under", args.out)
+    for what, path in paths.items():
+        print(f"  {what:<12} {path}")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
+            "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from .data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"hemaseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,742 @@
+"""Find image/mask pairs, read them, check them, and split them reproducibly.
+
+A dataset is a folder ``root/`` holding ``images/`` and ``mask/`` (or ``masks/``). Images and masks pair
+by file stem: ``mask/12.png`` or ``mask/12_mask.png`` for ``images/12.jpg``; several
+``12_mask_1.png``, ``12_mask_2.png`` are merged with OR (the original BUSI layout).
+
+Every problem with a file is a :class:`DataError` whose message starts with the file's path, so a
+user can go straight to the file. Arrays are 2-D: images float32 HxW in [0, 1], masks bool HxW.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+MAX_PIXELS_DEFAULT = 50_000_000  # decompression-bomb guard: a 50 MP scan is already far beyond ultrasound
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_DIR_NAMES = ("mask", "masks")
+NAME_COLUMNS = ("name", "image", "filename")
+GROUP_COLUMNS = ("group", "dup_group", "patient")
+MANIFEST_GROUP_COLUMNS = ("dup_group", "patient")
+
+# `NAME_mask.png` and `NAME_mask_3.png`; group 1 is the image stem.
+_MASK_STEM = re.compile(r"^(.+?)_mask(?:_(\d+))?$", re.IGNORECASE)
+_MAX_LISTED_VALUES = 6
+
+
+class DataError(ValueError):
+    """One-line, user-facing problem naming the file: ``str(e) == f"{path}: {problem}"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # the default pickling would call __init__ with one argument (DataLoader workers)
+        return (type(self), (self.path, self.problem))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its mask file(s); several masks are merged with OR."""
+
+    name: str  # file stem of the image, e.g. "12" or "benign_0001"
+    image_path: Path
+    mask_paths: tuple[Path, ...]
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key so that "img2" < "img10"; the raw string breaks ties ("a01" vs "a1") to stay deterministic."""
+    parts = re.split(r"(\d+)", text.lower())
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
+
+
+def natural_sorted(items: Iterable[str]) -> list[str]:
+    return sorted(items, key=natural_key)
+
+
+# --------------------------------------------------------------------------------------------- pairing
+
+
+def find_dataset_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
+    """Return ``(images_dir, masks_dir)`` under root; the masks folder is ``mask/`` or ``masks/``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "dataset folder does not exist")
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise DataError(root, "no images/ folder (a dataset needs images/ and mask/ side by side)")
+    found = [root / n for n in MASK_DIR_NAMES if (root / n).is_dir()]
+    if not found:
+        raise DataError(root, "no mask/ or masks/ folder next to images/")
+    if len(found) > 1:
+        raise DataError(root, "both mask/ and masks/ exist; keep one so it is clear which masks to use")
+    return images_dir, found[0]
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Supported image files (any suffix case), skipping hidden files such as macOS ``._12.png``."""
+    files = [
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    ]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+@dataclass
+class _Pairing:
+    samples: list[Sample]
+    problems: list[DataError]
+    n_images: int
+    n_masks: int
+
+
+def _pair(root: str | os.PathLike) -> _Pairing:
+    """Pair images with masks and collect every pairing problem instead of stopping at the first."""
+    images_dir, masks_dir = find_dataset_dirs(root)
+    images, masks = _list_images(images_dir), _list_images(masks_dir)
+    problems: list[DataError] = []
+    supported = " ".join(IMAGE_SUFFIXES)
+    if not images:
+        problems.append(DataError(images_dir, f"folder has no images (supported: {supported})"))
+    if not masks:
+        problems.append(DataError(masks_dir, f"folder has no masks (supported: {supported})"))
+
+    by_stem: dict[str, Path] = {}
+    for path in images:
+        if path.stem in by_stem:
+            problems.append(
+                DataError(
+                    path,
+                    f"two images share the name {path.stem!r} "
+                    f"(also {by_stem[path.stem].name}); rename or remove one",
+                )
+            )
+            continue
+        by_stem[path.stem] = path
+
+    masks_of: dict[str, list[Path]] = {stem: [] for stem in by_stem}
+    for path in masks:
+        if path.stem in masks_of:  # exact stem first, so an image really called "x_mask" still pairs
+            masks_of[path.stem].append(path)
+            continue
+        m = _MASK_STEM.match(path.stem)
+        if m and m.group(1) in masks_of:
+            masks_of[m.group(1)].append(path)
+        elif images:  # an empty images folder is already one problem; don't add one per mask
+            stem = m.group(1) if m else path.stem
+            problem = f"mask without image (no {images_dir.name}/{stem}.* for it; names must match by stem)"
+            problems.append(DataError(path, problem))
+
+    samples = []
+    for stem, image_path in by_stem.items():
+        found = masks_of[stem]
+        if found:
+            samples.append(Sample(stem, image_path, tuple(sorted(found, key=lambda p: natural_key(p.name)))))
+        elif masks:  # an empty mask folder is already one problem; don't add one per image
+            problems.append(
+                DataError(
+                    image_path,
+                    f"image without mask (expected {masks_dir.name}/{stem}.png "
+                    f"or {masks_dir.name}/{stem}_mask.png)",
+                )
+            )
+    # Report in file order so the first problem is the same one every run.
+    problems.sort(key=lambda e: natural_key(str(e.path)))
+    return _Pairing(samples, problems, len(images), len(masks))
+
+
+def find_samples(root: str | os.PathLike, strict: bool = True) -> list[Sample]:
+    """Image/mask pairs under root, paired by file stem and sorted naturally (2 before 10).
+
+    Supports PNG, JPEG, BMP and TIFF (.png .jpg .jpeg .bmp .tif .tiff, any case). A mask is named like
+    its image (``mask/12.png`` for ``images/12.jpg``), or ``12_mask.png``, or several ``12_mask_1.png``,
+    ``12_mask_2.png`` that are merged. ``strict`` raises :class:`DataError` for the first pairing problem
+    (image without mask, mask without image, empty folder); otherwise only the good pairs come back and
+    :func:`check_dataset` reports the rest.
+    """
+    pairing = _pair(root)
+    if strict and pairing.problems:
+        raise pairing.problems[0]
+    for problem in pairing.problems:
+        logger.warning("skipped: %s", problem)
+    return pairing.samples
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _open(path: Path, max_pixels: int | None) -> Image.Image:
+    """Open and decode one frame, refusing oversized images from the header before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces PIL's global warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise DataError(path, f"image too large: pixels exceeds the limit ({e})") from None
+    except FileNotFoundError:
+        raise DataError(path, "file does not exist") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; all mean "cannot read"
+        raise DataError(path, f"cannot read image: {e}") from None
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        im.close()
+        raise DataError(
+            path,
+            f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (raise max_pixels if this image is genuine)",
+        )
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001 - truncated files raise OSError, broken chunks SyntaxError etc.
+        im.close()
+        raise DataError(path, f"cannot read image: {e}") from None
+    return im
+
+
+def _as_gray_float(im: Image.Image, path: Path) -> np.ndarray:
+    """Convert any PIL mode to float32 HxW in [0, 1]."""
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=np.float32)
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.float32) / 65535.0
+    if mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if mode == "F" and lo >= 0.0 and hi <= 1.0:
+            return a.astype(np.float32)
+        if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data held in a 32-bit int image
+            return (a / 65535.0).astype(np.float32)
+        logger.warning("%s: mode %s values span [%g, %g]; scaling min-max to [0, 1]", path, mode, lo, hi)
+        if hi <= lo:
+            return np.zeros(a.shape, np.float32)
+        return ((a - lo) / (hi - lo)).astype(np.float32)
+    if mode != "L":
+        # ITU-R 601-2 luma; alpha is ignored, palette images go through their palette.
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> np.ndarray:
+    """Read a scan as float32 HxW in [0, 1].
+
+    8-bit is divided by 255, 16-bit by 65535 (32-bit int images holding 16-bit values too), float images
+    in [0, 1] kept; other ranges are min-max scaled. Colour, palette and alpha images become luminance
+    gray. Raises :class:`DataError` naming the file when it is unreadable, truncated, or larger than
+    ``max_pixels`` (checked from the header before decoding).
+    """
+    path = Path(path)
+    with _open(path, max_pixels) as im:
+        try:
+            return _as_gray_float(im, path)
+        except ValueError as e:  # modes PIL cannot convert to gray, e.g. HSV
+            raise DataError(path, f"cannot convert image mode {im.mode} to gray: {e}") from None
+
+
+def _read_mask_raw(path: Path, max_pixels: int | None) -> np.ndarray:
+    """Raw mask values HxW, keeping the file's integer type so value sets can be reported exactly."""
+    with _open(path, max_pixels) as im:
+        mode = im.mode
+        if mode == "1":
+            return np.asarray(im, dtype=np.uint8)
+        if mode in ("L", "P", "I", "F") or mode.startswith("I;16"):
+            # Palette masks: the index is the label (VOC style), so the palette colours are not used.
+            return np.asarray(im)
+        if mode in ("LA", "PA"):
+            return np.asarray(im)[..., 0]
+        # Colour masks: any coloured pixel counts, so a red outline is 255 rather than its luma 76.
+        try:
+            rgb = np.asarray(im.convert("RGB"))
+        except ValueError as e:
+            raise DataError(path, f"cannot convert mask mode {mode}: {e}") from None
+        return rgb.max(axis=2)
+
+
+def _value_max(raw: np.ndarray) -> float:
+    """The value that means "fully on" for this array's type, for fractional thresholds."""
+    if raw.dtype == np.uint8:
+        return 255.0
+    if raw.dtype.kind == "u" and raw.dtype.itemsize == 2:
+        return 65535.0
+    hi = float(raw.max()) if raw.size else 1.0
+    if raw.dtype.kind == "f" and hi <= 1.0:
+        return 1.0
+    if raw.dtype.kind in "iu" and 0 <= hi <= 65535:
+        return 65535.0 if hi > 255 else 255.0
+    return hi if hi > 0 else 1.0
+
+
+def _unique(raw: np.ndarray) -> np.ndarray:
+    """Sorted unique values, fast for the usual binary mask (np.unique sorts every pixel)."""
+    if not raw.size:
+        return np.unique(raw)
+    hi = raw.max()
+    if np.logical_or(raw == 0, raw == hi).all():
+        return np.unique(np.array([raw.min(), hi], dtype=raw.dtype))
+    if raw.dtype.kind == "u" and raw.dtype.itemsize <= 2:
+        return np.flatnonzero(np.bincount(raw.ravel())).astype(raw.dtype)
+    return np.unique(raw)
+
+
+def _format_values(values: Sequence) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:_MAX_LISTED_VALUES])
+    if len(values) > _MAX_LISTED_VALUES:
+        shown += f", ... ({len(values)} distinct values)"
+    return "{" + shown + "}"
+
+
+def _check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"mask threshold must be a fraction in (0, 1], e.g. 0.5; got {threshold}")
+
+
+def _binarise(raw: np.ndarray, path: Path, threshold: float | None, values: np.ndarray | None = None):
+    """bool HxW from raw values; without a threshold anything but {0, v} is an error naming the values."""
+    if threshold is not None:
+        return raw >= threshold * _value_max(raw)
+    values = _unique(raw) if values is None else values
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        raise DataError(
+            path,
+            f"mask values are not binary: {_format_values(values.tolist())}; "
+            f"pass --mask-threshold (e.g. 0.5) to binarise at a fraction of the maximum",
+        )
+    return raw != 0
+
+
+def read_mask(
+    path: str | os.PathLike, threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT
+) -> np.ndarray:
+    """Read a lesion mask as bool HxW.
+
+    Without ``threshold`` the mask must hold exactly {0, v} for one nonzero v (0/1, 0/255, 0/65535, ...),
+    else :class:`DataError` lists the values found. With ``threshold`` (a fraction of the type's maximum,
+    e.g. 0.5) the mask is ``value >= threshold * max``. Colour masks use the brightest channel; palette
+    masks use the palette index.
+    """
+    _check_threshold(threshold)
+    path = Path(path)
+    return _binarise(_read_mask_raw(path, max_pixels), path, threshold)
+
+
+def _size_mismatch(mask_path: Path, mask_shape: tuple, image_path: Path, image_shape: tuple) -> DataError:
+    (mh, mw), (ih, iw) = mask_shape[:2], image_shape[:2]
+    problem = f"mask size {mw}x{mh} does not match image size {iw}x{ih} ({image_path.name})"
+    return DataError(mask_path, problem)
+
+
+def load_sample(
+    sample: Sample, mask_threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image float32 HxW in [0, 1], mask bool HxW)``; several masks are merged with OR."""
+    _check_threshold(mask_threshold)
+    image = read_image(sample.image_path, max_pixels)
+    mask = np.zeros(image.shape, dtype=bool)
+    for mask_path in sample.mask_paths:
+        m = read_mask(mask_path, mask_threshold, max_pixels)
+        if m.shape != image.shape:
+            raise _size_mismatch(mask_path, m.shape, sample.image_path, image.shape)
+        mask |= m
+    return image, mask
+
+
+# --------------------------------------------------------------------------------------------- checking
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_dataset` found: counts, sizes, mask value sets, lesion sizes, and every problem."""
+
+    root: Path
+    n_images: int
+    n_masks: int
+    n_pairs: int  # images with at least one mask, whether or not they then read cleanly
+    sizes: dict[tuple[int, int], int]  # (width, height) -> number of readable images
+    mask_values: dict[tuple, int]  # sorted unique raw values of one mask file -> number of mask files
+    lesion_fraction_mean: float  # over pairs that loaded cleanly; nan if none
+    lesion_fraction_min: float
+    lesion_fraction_max: float
+    n_empty_masks: int
+    problems: list[DataError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.n_pairs > 0
+
+    def format(self) -> str:
+        """Human-readable summary, then one ``ERROR path: problem`` line per problem."""
+        lines = [
+            f"dataset {self.root}",
+            f"  images {self.n_images}, masks {self.n_masks}, pairs {self.n_pairs}",
+        ]
+        if self.sizes:
+            common = sorted(self.sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            widths = [w for w, _ in self.sizes]
+            heights = [h for _, h in self.sizes]
+            lines.append(
+                f"  sizes: {len(self.sizes)} distinct, width {min(widths)}-{max(widths)}, "
+                f"height {min(heights)}-{max(heights)}; most common "
+                + ", ".join(f"{w}x{h} ({n})" for (w, h), n in common)
+            )
+        if self.mask_values:
+            common = sorted(self.mask_values.items(), key=lambda kv: -kv[1])[:3]
+            more = f" (+{len(self.mask_values) - 3} other sets)" if len(self.mask_values) > 3 else ""
+            lines.append("  mask values: " + ", ".join(f"{_format_values(v)} x{n}" for v, n in common) + more)
+        if not math.isnan(self.lesion_fraction_mean):
+            lines.append(
+                f"  lesion fraction: mean {self.lesion_fraction_mean:.3f}, "
+                f"min {self.lesion_fraction_min:.3f}, max {self.lesion_fraction_max:.3f}; "
+                f"empty masks {self.n_empty_masks}"
+            )
+        if self.ok:
+            lines.append("OK")
+        else:
+            lines.append(f"{len(self.problems)} problem(s):" if self.problems else "no pairs found")
+            lines.extend(f"ERROR {p}" for p in self.problems)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (NaN becomes null; dict keys with tuples become lists of records)."""
+
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {
+            "root": str(self.root),
+            "ok": self.ok,
+            "n_images": self.n_images,
+            "n_masks": self.n_masks,
+            "n_pairs": self.n_pairs,
+            "sizes": [{"width": w, "height": h, "count": n} for (w, h), n in sorted(self.sizes.items())],
+            "mask_values": [{"values": list(v), "count": n} for v, n in sorted(self.mask_values.items())],
+            "lesion_fraction_mean": num(self.lesion_fraction_mean),
+            "lesion_fraction_min": num(self.lesion_fraction_min),
+            "lesion_fraction_max": num(self.lesion_fraction_max),
+            "n_empty_masks": self.n_empty_masks,
+            "problems": [{"path": str(p.path), "problem": p.problem} for p in self.problems],
+        }
+
+
+@dataclass
+class _SampleCheck:
+    size: tuple[int, int] | None = None
+    mask_values: list[tuple] = field(default_factory=list)
+    lesion_fraction: float | None = None
+    problems: list[DataError] = field(default_factory=list)
+
+
+def _check_sample(sample: Sample, mask_threshold: float | None, max_pixels: int | None) -> _SampleCheck:
+    """Read one pair the way load_sample does, but record every problem instead of raising the first."""
+    out = _SampleCheck()
+    image: np.ndarray | None = None
+    try:
+        image = read_image(sample.image_path, max_pixels)
+        out.size = (image.shape[1], image.shape[0])
+    except DataError as e:
+        out.problems.append(e)
+    merged: np.ndarray | None = None if image is None else np.zeros(image.shape, dtype=bool)
+    for mask_path in sample.mask_paths:
+        try:
+            raw = _read_mask_raw(mask_path, max_pixels)
+            values = _unique(raw)
+            out.mask_values.append(tuple(values.tolist()))
+            if image is not None and raw.shape != image.shape:
+                raise _size_mismatch(mask_path, raw.shape, sample.image_path, image.shape)
+            mask = _binarise(raw, mask_path, mask_threshold, values)
+            if merged is not None:
+                merged |= mask
+        except DataError as e:
+            out.problems.append(e)
+            merged = None  # a broken pair stays out of the lesion statistics
+    if merged is not None:
+        out.lesion_fraction = float(merged.mean())
+    return out
+
+
+def check_dataset(
+    root: str | os.PathLike,
+    mask_threshold: float | None = None,
+    max_pixels: int | None = MAX_PIXELS_DEFAULT,
+    progress: bool = False,
+    workers: int = 4,
+) -> CheckReport:
+    """Read every pair and report every problem, rather than stopping at the first.
+
+    Finds: unreadable or truncated images and masks, images without masks, masks without images, mask
+    size != image size, non-binary mask values (unless ``mask_threshold``), empty folders and images
+    larger than ``max_pixels``. A missing images/ or mask/ folder still raises :class:`DataError`.
+    ``workers`` threads decode in parallel (PIL releases the GIL while decoding); results keep file order.
+    """
+    _check_threshold(mask_threshold)
+    pairing = _pair(root)
+    problems = list(pairing.problems)
+    sizes: Counter[tuple[int, int]] = Counter()
+    mask_values: Counter[tuple] = Counter()
+    fractions: list[float] = []
+
+    def check(sample: Sample) -> _SampleCheck:
+        return _check_sample(sample, mask_threshold, max_pixels)
+
+    n_workers = max(1, min(workers, os.cpu_count() or 1, len(pairing.samples)))
+    with ThreadPoolExecutor(n_workers) as pool:
+        results = pool.map(check, pairing.samples) if n_workers > 1 else map(check, pairing.samples)
+        for result in tqdm(
+            results, total=len(pairing.samples), desc="checking", unit="img", disable=not progress
+        ):
+            if result.size is not None:
+                sizes[result.size] += 1
+            mask_values.update(result.mask_values)
+            if result.lesion_fraction is not None:
+                fractions.append(result.lesion_fraction)
+            problems.extend(result.problems)
+    nan = float("nan")
+    return CheckReport(
+        root=Path(root),
+        n_images=pairing.n_images,
+        n_masks=pairing.n_masks,
+        n_pairs=len(pairing.samples),
+        sizes=dict(sizes),
+        mask_values=dict(mask_values),
+        lesion_fraction_mean=float(np.mean(fractions)) if fractions else nan,
+        lesion_fraction_min=min(fractions) if fractions else nan,
+        lesion_fraction_max=max(fractions) if fractions else nan,
+        n_empty_masks=sum(f == 0.0 for f in fractions),
+        problems=problems,
+    )
+
+
+def dataset_fingerprint(samples: Sequence[Sample]) -> str:
+    """Short sha256 over names, file names and file bytes, saved with runs so the data can be matched later.
+
+    Independent of the sample order and of where the dataset folder lives.
+    """
+    h = hashlib.sha256()
+    for sample in sorted(samples, key=lambda s: natural_key(s.name)):
+        h.update(f"sample\0{sample.name}\0".encode())
+        for path in (sample.image_path, *sample.mask_paths):
+            h.update(f"file\0{path.parent.name}/{path.name}\0".encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- groups
+
+
+def _name_key(value: str) -> str:
+    """'benign_0001.png', 'images/benign_0001.png' and 'benign_0001' all become 'benign_0001'."""
+    p = Path(value.strip())
+    return p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name
+
+
+def _read_groups(path: Path, group_columns: Sequence[str]) -> dict[str, str] | None:
+    """Parse the CSV; None when no group column is present (the caller decides whether that is an error)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, f"cannot read CSV: {e}") from None
+    if not rows:
+        raise DataError(path, "CSV is empty; it needs a header row")
+    header = [c.strip().lower() for c in rows[0]]
+    name_col = next((header.index(c) for c in NAME_COLUMNS if c in header), None)
+    group_col = next((header.index(c) for c in group_columns if c in header), None)
+    if group_col is None:
+        return None
+    if name_col is None:
+        raise DataError(
+            path, f"no image-name column (one of {', '.join(NAME_COLUMNS)}); header is: {', '.join(header)}"
+        )
+    logger.debug("%s: groups from column %r", path, header[group_col])
+    groups: dict[str, str] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(name_col, group_col):
+            raise DataError(path, f"line {line}: expected at least {max(name_col, group_col) + 1} columns")
+        name, group = _name_key(row[name_col]), row[group_col].strip()
+        if not group:
+            continue  # no group: the image is its own group
+        if groups.get(name, group) != group:
+            raise DataError(path, f"line {line}: {name} is in two groups ({groups[name]} and {group})")
+        groups[name] = group
+    return groups
+
+
+def read_groups(path: str | os.PathLike) -> dict[str, str]:
+    """Image name (stem) -> group from a CSV with a header.
+
+    Name column: ``name``, ``image`` or ``filename`` (with or without the file suffix). Group column:
+    ``group``, ``dup_group`` or ``patient`` (first found). Raises :class:`DataError` naming the file if
+    either column is missing.
+    """
+    path = Path(path)
+    groups = _read_groups(path, GROUP_COLUMNS)
+    if groups is None:
+        raise DataError(path, f"no group column (one of {', '.join(GROUP_COLUMNS)})")
+    return groups
+
+
+def find_groups(root: str | os.PathLike) -> dict[str, str] | None:
+    """Groups from ``root/manifest.csv`` when it has a ``dup_group`` or ``patient`` column, else None."""
+    manifest = Path(root) / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    groups = _read_groups(manifest, MANIFEST_GROUP_COLUMNS)
+    if groups is None:
+        logger.info("%s has no dup_group or patient column; splitting image by image", manifest)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def _grouped(names: Sequence[str], groups: Mapping[str, str] | None) -> list[list[str]]:
+    """Names grouped, in an order that depends only on the set of names (so a seed means one split)."""
+    if len(set(names)) != len(names):
+        dup = sorted(n for n, c in Counter(names).items() if c > 1)
+        raise ValueError(f"duplicate image names: {dup[:5]}")
+    members: dict[tuple[int, str], list[str]] = {}
+    for name in natural_sorted(names):
+        # Names without a group are their own group; the tag keeps them apart from a group of that name.
+        key = (0, groups[name]) if groups and name in groups else (1, name)
+        members.setdefault(key, []).append(name)
+    return [members[k] for k in sorted(members, key=lambda k: (k[0], natural_key(k[1])))]
+
+
+def split_train_val(
+    names: Sequence[str],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    groups: Mapping[str, str] | None = None,
+) -> dict[str, list[str]]:
+    """Seeded train/val split, whole groups on one side.
+
+    Deterministic for the seed and the *set* of names. Groups are shuffled and moved to val until val
+    holds at least ``val_fraction`` of the images; names missing from ``groups`` are their own group.
+    Returns ``{"train": [...], "val": [...]}`` sorted naturally, both non-empty for two or more names
+    (ValueError if all names share one group).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
+    grouped = _grouped(names, groups)
+    if len(names) >= 2 and len(grouped) < 2:
+        raise ValueError(f"all {len(names)} images are in one group; a train/val split needs two groups")
+    random.Random(seed).shuffle(grouped)
+    target = val_fraction * len(names)
+    val: list[str] = []
+    n_val_groups = 0
+    for members in grouped:
+        if len(val) >= target:
+            break
+        val.extend(members)
+        n_val_groups += 1
+    if n_val_groups == len(grouped) and len(grouped) >= 2:
+        # The last group would leave train empty: it goes back to train.
+        n_val_groups -= 1
+        val = [n for members in grouped[:n_val_groups] for n in members]
+    train = [n for members in grouped[n_val_groups:] for n in members]
+    return {"train": natural_sorted(train), "val": natural_sorted(val)}
+
+
+def kfold_split(
+    names: Sequence[str], folds: int = 5, seed: int = 0, groups: Mapping[str, str] | None = None
+) -> list[dict[str, list[str]]]:
+    """Group-aware seeded k-fold: ``folds`` dicts ``{"train", "val"}``, each name in exactly one val.
+
+    No group is split across folds. Folds are balanced by image count: largest groups first, each into
+    the fold with fewest images; equal-sized groups are ordered by a seeded shuffle.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2; got {folds}")
+    grouped = _grouped(names, groups)
+    if len(grouped) < folds:
+        raise ValueError(f"{len(grouped)} groups cannot fill {folds} folds; use fewer folds")
+    random.Random(seed).shuffle(grouped)
+    grouped.sort(key=len, reverse=True)  # stable: equal sizes keep their shuffled order
+    vals: list[list[str]] = [[] for _ in range(folds)]
+    for members in grouped:
+        min(vals, key=len).extend(members)  # min() returns the first smallest: lowest fold index on ties
+    result = []
+    for k in range(folds):
+        train = [n for j in range(folds) if j != k for n in vals[j]]
+        result.append({"train": natural_sorted(train), "val": natural_sorted(vals[k])})
+    return result
+
+
+# --------------------------------------------------------------------------------------------- split files
+
+
+def _validate_split(split: object, path: Path) -> dict:
+    if not isinstance(split, dict):
+        raise DataError(path, "a split file must hold a JSON object with 'train' and 'val' lists")
+    for key in ("train", "val"):
+        if key not in split:
+            raise DataError(path, f"missing key {key!r} (a split needs 'train' and 'val' lists of names)")
+        value = split[key]
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            raise DataError(path, f"{key!r} must be a list of image names")
+        if len(set(value)) != len(value):
+            raise DataError(path, f"{key!r} lists a name more than once")
+    both = set(split["train"]) & set(split["val"])
+    if both:
+        example = natural_sorted(both)[0]
+        raise DataError(path, f"{len(both)} name(s) are in both train and val, e.g. {example}")
+    return split
+
+
+def save_split(split: Mapping, path: str | os.PathLike) -> Path:
+    """Write a split (``train``/``val`` lists plus any extra keys such as the seed) as JSON, atomically."""
+    path = Path(path)
+    data = _validate_split(dict(split), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader never sees a half-written split
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_split(path: str | os.PathLike) -> dict:
+    """Read a split written by :func:`save_split`; :class:`DataError` naming the file if it is malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(path, f"cannot read split file: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"not valid JSON: {e}") from None
+    return _validate_split(data, path)

@@ -1,0 +1,126 @@
+"""UNet models and the registry that builds them by name.
+
+The `seed` configuration reproduces the original write-up's network layer for layer (487,449
+parameters): two conv3x3-BN-ReLU per level, widths 8-16-32-64-128, max-pool down, 2x2 transposed
+conv + BN + ReLU up, skip concatenation, a final conv3x3 to one channel. Models return logits;
+the sigmoid belongs to inference and to the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("batch", "instance", "group", "none")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+
+
+class ConvBlock(nn.Sequential):
+    """Two conv3x3-norm-ReLU layers: the unit of every UNet level."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "batch"):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
+        )
+
+
+class UpBlock(nn.Sequential):
+    """2x2 transposed conv doubling the resolution, then norm + ReLU (as the original network)."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "batch"):
+        super().__init__(nn.ConvTranspose2d(cin, cout, 2, stride=2), _norm(norm, cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """Classic UNet. `depth` pooling steps; level k has `base_width * 2**k` channels.
+
+    Input (N, in_channels, H, W) with H and W divisible by 2**depth; output logits (N, 1, H, W).
+    """
+
+    def __init__(self, in_channels: int = 1, base_width: int = 8, depth: int = 4, norm: str = "batch"):
+        super().__init__()
+        widths = [base_width * 2**k for k in range(depth + 1)]
+        self.depth = depth
+        self.encoders = nn.ModuleList(
+            [ConvBlock(in_channels, widths[0], norm)]
+            + [ConvBlock(widths[k], widths[k + 1], norm) for k in range(depth)]
+        )
+        self.ups = nn.ModuleList([UpBlock(widths[k + 1], widths[k], norm) for k in reversed(range(depth))])
+        self.decoders = nn.ModuleList([ConvBlock(2 * widths[k], widths[k], norm) for k in reversed(range(depth))])
+        self.head = nn.Conv2d(widths[0], 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = 2**self.depth
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} must be divisible by {multiple}; "
+                f"pad to {tuple(-(-s // multiple) * multiple for s in x.shape[-2:])}"
+            )
+        skips = []
+        for k, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if k < self.depth:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)  # (N, C, H/2**(k+1), W/2**(k+1))
+        for up, decoder in zip(self.ups, self.decoders):
+            x = decoder(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)  # (N, 1, H, W) logits
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to build. `arch` names a registry entry; the other fields configure it."""
+
+    arch: str = "seed"
+    base_width: int = 8
+    depth: int = 4
+    norm: str = "batch"
+    in_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.arch not in MODELS:
+            raise ValueError(f"unknown model {self.arch!r}; choose one of {', '.join(sorted(MODELS))}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.base_width < 1 or not 1 <= self.depth <= 7:
+            raise ValueError(f"base_width must be >= 1 and depth in 1..7, got {self.base_width}, {self.depth}")
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (4 if self.arch == "seed" else self.depth)
+
+
+def _seed(cfg: ModelConfig) -> nn.Module:
+    return UNet(in_channels=1, base_width=8, depth=4, norm="batch")
+
+
+def _unet(cfg: ModelConfig) -> nn.Module:
+    return UNet(cfg.in_channels, cfg.base_width, cfg.depth, cfg.norm)
+
+
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"seed": _seed, "unet": _unet}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build the network a config names (`seed` ignores the width/depth/norm fields)."""
+    return MODELS[cfg.arch](cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

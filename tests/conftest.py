@@ -1,0 +1,39 @@
+"""Tiny synthetic datasets and a tiny trained run, shared by the tests (CPU, seconds)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hemaseg.config import DataConfig, RunConfig, TrainConfig
+from hemaseg.synth import write_synthetic_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """16 synthetic 64x64 scans in the seed layout."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", 16, size=64, seed=3, progress=False)
+
+
+def tiny_config(root: Path, epochs: int = 2, **train) -> RunConfig:
+    return RunConfig(data=DataConfig(root=str(root), size=32),
+                     train=TrainConfig(epochs=epochs, batch_size=4, **train))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    from hemaseg.train import fit
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    fit(tiny_config(tiny_data), out, progress=False)
+    return out
+
+
+def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "mask").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / "images" / f"{name}.png")
+    Image.fromarray(mask).save(root / "mask" / f"{name}.png")

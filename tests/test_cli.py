@@ -1,0 +1,95 @@
+"""One end-to-end smoke test per command, on tiny synthetic data, checking the files each writes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hemaseg.cli import build_parser, main
+
+COMMANDS = ["synth", "check", "train", "evaluate", "predict", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_for_every_flag(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            assert action.option_strings[-1] in text
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "hemaseg.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("hemaseg ")
+
+
+def test_synth_check_train_resume_evaluate_predict(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["-q", "synth", str(data), "--n", "12", "--size", "48", "--seed", "1"]) == 0
+    assert len(list((data / "images").iterdir())) == 12 and (data / "mask" / "12.png").is_file()
+
+    assert main(["-q", "check", str(data)]) == 0
+    assert "12" in capsys.readouterr().out
+
+    assert main(["-q", "train", str(data), "--out", str(run), "--size", "32", "--epochs", "1",
+                 "--batch-size", "4"]) == 0
+    assert {"best.pt", "last.pt", "config.json", "metrics.csv", "curves.png", "splits.json"} <= {
+        p.name for p in run.iterdir()}
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["size"] == 32 and config["train"]["epochs"] == 1
+    assert "best validation Dice" in capsys.readouterr().out
+
+    # extend the finished run: resume continues from last.pt to the new epoch count
+    assert main(["-q", "train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
+
+    assert main(["-q", "evaluate", str(run), str(data), "--split", "val", "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert {"dice_mean", "dice_mean_lesion", "n_images"} <= set(summary)
+    assert summary["n_images"] == len(json.loads((run / "splits.json").read_text())["val"])
+    assert "empty-mask rule" in capsys.readouterr().out
+
+    assert main(["-q", "predict", str(run), str(data / "images" / "3.png"), "--out", str(tmp_path / "pred"),
+                 "--threshold", "0.4"]) == 0
+    assert {p.name for p in (tmp_path / "pred").iterdir()} == {"3_mask.png", "3_overlay.png", "predictions.csv"}
+
+
+def test_check_reports_problems_with_exit_status_1(tmp_path, capsys):
+    root = tmp_path / "bad"
+    (root / "images").mkdir(parents=True)
+    (root / "mask").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "images" / "1.png")
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(root / "mask" / "1.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "images" / "2.png")
+    assert main(["-q", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "1.png" in out and "2.png" in out
+
+
+def test_errors_are_one_line_and_name_the_file(tmp_path, capsys):
+    assert main(["-q", "train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing" in err
+    assert main(["-q", "predict", str(tmp_path / "norun"), "x.png", "--out", str(tmp_path / "o")]) == 2
+    assert "norun" in capsys.readouterr().err
+    assert main(["-q", "train", str(tmp_path), "--out", str(tmp_path / "r"), "--size", "50"]) == 2
+    assert "--size" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--n", "12", "--n-test", "4", "--size", "32", "--epochs", "1"]) == 0
+    for path in ("report.html", "run/best.pt", "eval/per_image.csv", "eval/summary.json", "demo_summary.json"):
+        assert (out / path).is_file(), path
+    assert len(list((out / "predictions").glob("*_overlay.png"))) == 4
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "dice_mean" in html
+    assert "report.html" in capsys.readouterr().out

@@ -1,0 +1,71 @@
+import json
+import time
+
+import pytest
+import torch
+
+from hemaseg.checkpoint import load_checkpoint
+from hemaseg.data import load_split
+from hemaseg.train import fit, lr_factor
+
+from .conftest import tiny_config
+
+
+def test_run_folder_has_every_artifact(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"config.json", "splits.json", "best.pt", "last.pt", "metrics.csv", "curves.png", "summary.json"} <= names
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["meta"]["data_fingerprint"] and config["meta"]["torch_version"] == torch.__version__
+    split = load_split(tiny_run / "splits.json")
+    assert not set(split["train"]) & set(split["val"]) and len(split["train"]) + len(split["val"]) == 16
+    rows = (tiny_run / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,lr,train_loss,val_dice") and len(rows) == 3
+    last = load_checkpoint(tiny_run / "last.pt")
+    assert {"optimizer", "scheduler", "rng", "history"} <= set(last) and last["epoch"] == 2
+
+
+def test_same_seed_same_metrics_on_cpu(tiny_data, tiny_run, tmp_path):
+    fit(tiny_config(tiny_data), tmp_path / "again", progress=False)
+    a, b = load_checkpoint(tiny_run / "last.pt"), load_checkpoint(tmp_path / "again" / "last.pt")
+    assert a["history"] == [{**h, "epoch_s": h2["epoch_s"], "elapsed_s": h2["elapsed_s"]}
+                            for h, h2 in zip(b["history"], a["history"])]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=3)
+    fit(cfg, tmp_path / "full", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(epoch, row):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(cfg, tmp_path / "cut", progress=False, on_epoch_end=interrupt)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    fit(cfg, tmp_path / "cut", resume=True, progress=False)
+    full, cut = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert cut["epoch"] == full["epoch"] == 3
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], cut["model"][k]), k
+    assert [h["val_dice"] for h in full["history"]] == [h["val_dice"] for h in cut["history"]]
+
+
+def test_time_budget_fits_the_epochs(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=1, budget_minutes=0.1)  # 6 s
+    t = time.perf_counter()
+    summary = fit(cfg, tmp_path / "budget", progress=False)
+    wall = time.perf_counter() - t
+    assert summary["epochs"] > 1  # chose more epochs than the 1 configured
+    assert wall < 6 * 1.5
+
+
+def test_warmup_then_cosine_schedule():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from hemaseg.transforms import (
+    AugmentConfig,
+    augment,
+    build_augmentation,
+    letterbox,
+    letterbox_geometry,
+    normalize,
+    preprocess,
+    unletterbox,
+)
+
+
+@pytest.mark.parametrize("h,w", [(37, 91), (91, 37), (64, 64), (24, 200), (301, 123)])
+def test_letterbox_round_trip_recovers_a_mask_on_the_original_grid(h, w):
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 3)) ** 2 < 1
+    boxed_img, boxed_mask, box = letterbox(mask.astype(np.float32), 128, mask)
+    assert boxed_img.shape == boxed_mask.shape == (128, 128)
+    assert max(box.new_h, box.new_w) == 128 and abs(box.new_h / box.new_w - h / w) < 0.05 + 2 / min(box.new_h, box.new_w)
+    back = unletterbox(boxed_mask, box) >= 0.5
+    assert back.shape == (h, w)
+    agreement = (back == mask).mean()
+    assert agreement > 0.97
+
+
+def test_letterbox_pads_with_zeros_and_keeps_content_centred():
+    box = letterbox_geometry(50, 100, 64)
+    assert (box.new_h, box.new_w, box.top, box.left) == (32, 64, 16, 0)
+    img, _, _ = letterbox(np.ones((50, 100), np.float32), 64)
+    assert img[:16].max() == 0 and img[48:].max() == 0 and img[16:48].min() > 0.99
+
+
+def test_zscore_uses_only_real_pixels():
+    image = np.random.default_rng(0).random((40, 80)).astype(np.float32)
+    x, box = preprocess(image, 64)
+    region = x[box.top:box.top + box.new_h, box.left:box.left + box.new_w]
+    assert abs(region.mean()) < 1e-4 and abs(region.std() - 1) < 1e-3
+    assert normalize(np.full((4, 4), 0.5, np.float32), None, "unit").max() == 0
+
+
+def test_augmentation_moves_image_and_mask_together():
+    """Augment a mask-shaped image: afterwards the image's bright pixels must still be the mask."""
+    rng = np.random.default_rng(1)
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:30, 20:50] = 1
+    mask[40:55, 5:15] = 1
+    cfg = AugmentConfig(hflip=0.5, vflip=0.5, affine_p=1.0, gamma_p=0, contrast_p=0, blur_p=0, noise_p=0, speckle_p=0)
+    pipe = build_augmentation(cfg, 64)
+    moved = 0
+    for seed in range(12):
+        img_t, mask_t = augment(pipe, mask.copy(), mask.copy(), seed)
+        assert img_t.shape == mask_t.shape == (1, 64, 64)
+        agree = ((img_t[0] > 0.5) == (mask_t[0] > 0.5)).float().mean().item()
+        assert agree > 0.99, f"seed {seed}: image and mask disagree on {1 - agree:.1%} of pixels"
+        moved += not np.array_equal(mask_t[0].numpy(), mask)
+    assert moved >= 10  # the geometric transforms really did something
+    del rng
+
+
+def test_intensity_augmentation_leaves_the_mask_untouched_and_is_seeded():
+    cfg = AugmentConfig(hflip=0, affine_p=0, gamma_p=1, contrast_p=1, blur_p=1, noise_p=1, speckle_p=1)
+    pipe = build_augmentation(cfg, 32)
+    image = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    mask = (np.random.default_rng(1).random((32, 32)) > 0.7).astype(np.float32)
+    a_img, a_mask = augment(pipe, image, mask, 7)
+    b_img, _ = augment(pipe, image, mask, 7)
+    c_img, _ = augment(pipe, image, mask, 8)
+    assert torch.equal(a_mask[0], torch.from_numpy(mask))
+    assert torch.equal(a_img, b_img) and not torch.equal(a_img, c_img)
+    assert not torch.allclose(a_img[0], torch.from_numpy(image))

@@ -173,8 +173,9 @@ class _Geometry:
         """Image coordinates (x, y) of every beam sample, each (n_depth, n_beams)."""
         d = np.arange(self.n_depth, dtype=np.float32)[:, None]
         b = np.arange(self.n_beams, dtype=np.float32)[None, :]
+        shape = (self.n_depth, self.n_beams)
         if not self.sector:
-            return np.broadcast_to(b, (self.n_depth, self.n_beams)), np.broadcast_to(d, (self.n_depth, self.n_beams))
+            return np.broadcast_to(b, shape), np.broadcast_to(d, shape)
         theta = (b / (self.n_beams - 1) * 2.0 - 1.0) * self.half_angle
         r = self.radius + d
         x = (self.width - 1) / 2.0 + r * np.sin(theta)
@@ -221,7 +222,7 @@ class _Tissue:
     floor: float  # deepest depth lesions may reach (bone, or the bottom)
 
 
-def _tissue(rng: np.random.Generator, geo: _Geometry, scale: float, alpha0: float) -> _Tissue:
+def _tissue(rng: np.random.Generator, geo: _Geometry, scale: float, alpha0: float, p_bone: float) -> _Tissue:
     """Skin, subcutaneous fat with septa, muscle with fibres, fascia and sometimes bone."""
     nd, nb = geo.n_depth, geo.n_beams
     depth = np.arange(nd, dtype=np.float32)[:, None]
@@ -233,7 +234,7 @@ def _tissue(rng: np.random.Generator, geo: _Geometry, scale: float, alpha0: floa
     deep = fat + _wavy(rng, nb, rng.uniform(0.25, 0.5) * nd, 0.03 * nd, 0.25 * nb)
     has_deep = rng.random() < 0.6
     bone = _wavy(rng, nb, rng.uniform(0.72, 0.92) * nd, 0.04 * nd, 0.35 * nb)
-    has_bone = rng.random() < 0.15 and bone.min() > fat.max() + 0.1 * nd
+    has_bone = rng.random() < p_bone and bone.min() > fat.max() + 0.1 * nd
 
     below_skin, below_dermis, below_fat = _step(depth, skin), _step(depth, dermis), _step(depth, fat)
     # fat rows lie above f1, muscle rows below m0: each texture is only made where it can show
@@ -245,7 +246,7 @@ def _tissue(rng: np.random.Generator, geo: _Geometry, scale: float, alpha0: floa
     septa_field = _smooth_noise(rng, (f1, nb), (0.05 * nd, rng.uniform(0.12, 0.3) * nb))
     septa = np.exp(-((septa_field / rng.uniform(0.06, 0.12)) ** 2))
     layers = np.zeros((nd, nb), dtype=np.float32)
-    layers[:f1] = rng.uniform(0.05, 0.1) * (1.0 + 0.4 * patches[:f1] ** 2) + rng.uniform(0.4, 0.8) * septa
+    layers[:f1] = rng.uniform(0.035, 0.07) * (1.0 + 0.4 * patches[:f1] ** 2) + rng.uniform(0.4, 0.8) * septa
     # muscle: hypoechoic fascicles between bright perimysium striations, long, slightly oblique and
     # irregularly spaced: zero crossings of a field stretched along the fibres, sheared to the pennation
     slope = math.tan(rng.uniform(-0.3, 0.3))
@@ -341,7 +342,8 @@ def _place_lesions(
             ks = np.arange(2, 8)
             amps = rng.uniform(0.0, 1.0, ks.size) * rng.uniform(0.05, 0.25) / ks**0.7
             amps *= min(1.0, 0.35 / amps.sum())  # stays star-shaped: the radius never folds over
-            harmonics = tuple((int(k), float(c), float(p)) for k, c, p in zip(ks, amps, rng.uniform(0, 6.3, 6)))
+            phases = rng.uniform(0.0, 2.0 * math.pi, ks.size)
+            harmonics = tuple((int(k), float(c), float(p)) for k, c, p in zip(ks, amps, phases, strict=True))
             lobes = 1.0 + float(amps.sum())
             # vertical half-extent in beam samples; shrink the lesion if the tissue is too thin for it
             beam = int(rng.uniform(0.12, 0.88) * (geo.n_beams - 1))
@@ -356,17 +358,26 @@ def _place_lesions(
             d = rng.uniform(lo_d, max(lo_d, hi_d))
             d = int(np.clip(d, 0, geo.n_depth - 1))
             lesion = _Lesion(float(bx[d, beam]), float(by[d, beam]), float(a), float(b), angle, harmonics)
-            if all(np.hypot(lesion.x - o.x, lesion.y - o.y) > 1.05 * (lesion.extent() + o.extent()) for o in lesions):
+            clear = (
+                math.hypot(lesion.x - o.x, lesion.y - o.y) > lesion.extent() + o.extent() for o in lesions
+            )
+            if all(clear):
                 lesions.append(lesion)
                 break
     return lesions
 
 
 def _draw_lesion(
-    rng: np.random.Generator, tissue: _Tissue, bx: np.ndarray, by: np.ndarray, lesion: _Lesion,
-    cfg: SynthConfig, scale: float, alpha0: float,
+    rng: np.random.Generator,
+    tissue: _Tissue,
+    xy: tuple[np.ndarray, np.ndarray],
+    lesion: _Lesion,
+    cfg: SynthConfig,
+    scale: float,
+    alpha0: float,
 ) -> None:
     """Writes a lesion into the tissue maps: echogenicity, texture, margin, channels, attenuation."""
+    bx, by = xy
     box = _crop(bx, by, lesion)
     kind = rng.choice(3, p=np.asarray(cfg.echogenicity_weights) / sum(cfg.echogenicity_weights))
     posterior = rng.choice(3, p=np.asarray(cfg.posterior_weights) / sum(cfg.posterior_weights))
@@ -401,24 +412,29 @@ def _draw_lesion(
         lobules = _smooth_noise(rng, shape, max(2.5, r_px / 2.5))
         inner = inner + ref * rng.uniform(0.5, 1.5) * np.exp(-((lobules / 0.1) ** 2))
     if vessels:  # thin curved anechoic tubes: zero crossings of a smooth field, inside only
-        tubes = np.exp(-((_smooth_noise(rng, shape, max(3.0 * scale, r_px / rng.uniform(2.0, 4.0))) / 0.12) ** 2))
-        inner = inner * (1.0 - tubes * (s < 0.92))
+        channels = _smooth_noise(rng, shape, max(3.0 * scale, r_px / rng.uniform(2.0, 4.0)))
+        inner = inner * (1.0 - np.exp(-((channels / 0.12) ** 2)) * (s < 0.92))
     echo[...] = echo * (1 - w) + inner * w
     coherent *= 1 - w
     if not ill_defined and (kind == 1 or rng.random() < 0.35):
-        if rng.random() < 0.6:  # echogenic capsule
-            echo += ref * rng.uniform(0.8, 2.0) * np.exp(-(((s - 1.0) * r_px / 1.2) ** 2))
-        else:  # hypoechoic halo
-            echo *= 1.0 - 0.7 * np.exp(-(((s - 1.1) * r_px / 2.0) ** 2))
-    if kind == 1 or density < 1.0:
+        rim = (s - 1.0) * r_px / (rng.uniform(1.2, 2.0) * scale)  # signed distance to the margin, px-ish
+        if rng.random() < 0.6 or ref < 0.1:  # echogenic capsule, partly specular (a halo hides in fat)
+            capsule = np.exp(-(rim**2))
+            echo += ref * rng.uniform(3.0, 5.0) * capsule
+            coherent += 0.3 * float(np.sqrt(ref)) * capsule
+        else:  # hypoechoic halo just outside the margin
+            echo *= 1.0 - rng.uniform(0.8, 0.95) * np.exp(-(((rim - 1.5) / 1.5) ** 2))
+    if density < 1.0:
         if tissue.density is None:
             tissue.density = np.ones_like(tissue.echo)
         tissue.density[box] = tissue.density[box] * (1 - w) + density * w
 
     # posterior effect from attenuation alone: low attenuation enhances, high shadows, the column below;
     # a shadow is sized in total dB through the lesion so a big lesion is not dark inside itself
-    thickness = 2.0 * lesion.b
-    rel = (1.0, rng.uniform(0.0, 0.3), 1.0 + rng.uniform(8.0, 20.0) / _NEPER_DB / alpha0 / thickness)[posterior]
+    # (both are drawn every time so that changing posterior_weights leaves the scatterers as they were)
+    enhance_rel, shadow_db = rng.uniform(0.0, 0.3), rng.uniform(8.0, 20.0)
+    shadow_rel = 1.0 + shadow_db / _NEPER_DB / alpha0 / (2.0 * lesion.b)
+    rel = (1.0, enhance_rel, shadow_rel)[posterior]
     tissue.attenuation[box] = tissue.attenuation[box] * (1 - w) + alpha0 * rel * w
 
 
@@ -426,8 +442,12 @@ def _draw_lesion(
 
 
 def _beamform(
-    rng: np.random.Generator, amplitude: np.ndarray, psf_sigma: tuple[float, float], wavelength: float,
-    coherent: np.ndarray | None = None, density: np.ndarray | float | None = None,
+    rng: np.random.Generator,
+    amplitude: np.ndarray,
+    psf_sigma: tuple[float, float],
+    wavelength: float,
+    coherent: np.ndarray | None = None,
+    density: np.ndarray | float | None = None,
 ) -> np.ndarray:
     """Envelope |PSF * scatterers| of (depth, beam) maps, before log compression.
 
@@ -462,12 +482,16 @@ def speckle_envelope(
 
     With many scatterers per resolution cell (density=1) it is Rayleigh distributed, mean/std ~ 1.91.
     """
-    amplitude = np.ones(shape, dtype=np.float32)
-    return _beamform(rng, amplitude, psf_sigma, SynthConfig.wavelength, density=density)
+    # simulate a margin and cut it: near the border the filter sees fewer scatterers, not stationary
+    pad = [int(math.ceil(3.0 * sigma)) + 1 for sigma in psf_sigma]
+    amplitude = np.ones((shape[0] + 2 * pad[0], shape[1] + 2 * pad[1]), dtype=np.float32)
+    envelope = _beamform(rng, amplitude, psf_sigma, SynthConfig.wavelength, density=density)
+    return envelope[pad[0] : pad[0] + shape[0], pad[1] : pad[1] + shape[1]]
 
 
 def _log_compress(envelope: np.ndarray, skin: int, dynamic_range_db: float, gain_db: float) -> np.ndarray:
-    """Envelope -> [0, 1] display values; the gain puts the median tissue below the skin mid-grey."""
+    """Envelope -> [0, 1] display values; the gain puts the median tissue under the skin line at mid-grey,
+    as a sonographer sets it, and the exponent is the scanner's grey map (darker lows)."""
     sample = envelope[skin::2, ::2].ravel()
     median = np.partition(sample, sample.size // 2)[sample.size // 2]
     db = 20.0 * np.log10(np.maximum(envelope, 1e-12) / max(float(median), 1e-12)) + gain_db
@@ -489,26 +513,26 @@ def synth_scan(
     scale = math.sqrt(height * width) / _REF_SIZE
     geo = _geometry(rng, height, width, cfg)
     alpha0 = rng.uniform(*cfg.attenuation_db) / _NEPER_DB / geo.n_depth  # nepers per pixel
-    tissue = _tissue(rng, geo, scale, alpha0)
+    tissue = _tissue(rng, geo, scale, alpha0, cfg.p_bone)
     lesions = _place_lesions(rng, geo, tissue, cfg)
     bx, by = geo.beam_xy()
     for lesion in lesions:
-        _draw_lesion(rng, tissue, bx, by, lesion, cfg, scale, alpha0)
+        _draw_lesion(rng, tissue, (bx, by), lesion, cfg, scale, alpha0)
 
     # round-trip attenuation down each beam, then the TGC gives back part of the nominal loss
     loss = np.exp(-np.cumsum(tissue.attenuation, axis=0))
     depth = np.arange(geo.n_depth, dtype=np.float32)[:, None]
     gain = np.exp(rng.uniform(*cfg.tgc_fraction) * alpha0 * depth)
-    noise = 10 ** (-(cfg.dynamic_range_db[1] + rng.uniform(5.0, 20.0)) / 20.0)  # electronic noise, before TGC
+    # electronic noise enters before the TGC, so it is what deep, dark regions show; as independent complex
+    # Gaussians add, it folds into the scatterer amplitude at no extra random draws
+    noise = 10 ** (-(cfg.dynamic_range_db[1] + rng.uniform(5.0, 20.0)) / 20.0)
     amplitude = np.sqrt((tissue.echo * loss) ** 2 + (noise / gain) ** 2).astype(np.float32)
-    psf = (cfg.psf_sigma[0] * max(scale, 0.6), cfg.psf_sigma[1] * max(scale, 0.6))
-    envelope = _beamform(
-        rng, amplitude, psf, cfg.wavelength * max(scale, 0.6), (tissue.coherent * loss).astype(np.float32),
-        tissue.density,
-    )
-    envelope *= gain
+    px = max(scale, 0.6)  # the resolution cell shrinks with the scan, down to about a pixel
+    psf = (cfg.psf_sigma[0] * px, cfg.psf_sigma[1] * px)
+    coherent = (tissue.coherent * loss).astype(np.float32)
+    envelope = _beamform(rng, amplitude, psf, cfg.wavelength * px, coherent, tissue.density) * gain
     # the scanner's post-detection video filter: softens the one-pixel nulls that log compression exposes
-    envelope = ndimage.gaussian_filter(envelope, (0.55 * max(scale, 0.6), 0.7 * max(scale, 0.6)), truncate=3.0)
+    envelope = ndimage.gaussian_filter(envelope, (0.55 * px, 0.7 * px), truncate=3.0)
     skin = int(tissue.skin.mean()) + 1
     display = _log_compress(envelope, skin, rng.uniform(*cfg.dynamic_range_db), rng.uniform(-3.0, 3.0))
 
@@ -536,7 +560,7 @@ def _save_png_atomic(array: np.ndarray, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
+            Image.fromarray(array).save(f, format="PNG", compress_level=1)  # speed over a few % of size
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -551,7 +575,7 @@ def write_synthetic_dataset(
     progress: bool = True,
     config: SynthConfig = SynthConfig(),
 ) -> Path:
-    """Writes out/images/{i}.png and out/mask/{i}.png for i in 1..n (8-bit grayscale, mask 0/255), returns out.
+    """Writes out/images/{i}.png and out/mask/{i}.png, i in 1..n (8-bit grayscale, mask 0/255); returns out.
 
     Scan i uses np.random.default_rng([seed, i]), so any scan can be regenerated alone and the same seed
     gives byte-identical files.

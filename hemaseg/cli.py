@@ -19,6 +19,22 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                         "without it a mask must hold exactly two values")
 
 
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the probabilities of the scan and its flips")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="skip the postprocessing steps the run decided on (RUN/postprocessing.json)")
+
+
+def _add_backend_flag(p: argparse.ArgumentParser) -> None:
+    # names as in hemaseg.backends.BACKENDS, spelled out so `--help` does not import torch
+    p.add_argument("--backend", choices=["torch", "torch-fast", "torch-bf16", "onnxruntime"], default="torch",
+                   help="how the network runs: torch (eager, default), torch-fast (conv+BN folded, "
+                        "channels_last, same results), torch-bf16 (torch-fast in bf16: CPUs with AVX512-BF16/AMX, "
+                        "recent GPUs; masks may differ at a few boundary pixels), onnxruntime (ONNX Runtime on "
+                        "the CPU, exported in memory from the checkpoint)")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--size", type=int, help="training size in pixels (multiple of 16); scans are letterboxed "
@@ -95,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score all of DATA (default), or only the run's val/train split of it")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_inference_flags(p)
+    _add_backend_flag(p)
     _add_data_flags(p)
 
     p = sub.add_parser("predict", help="segment new scans",
@@ -106,6 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the run's)")
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_inference_flags(p)
+    _add_backend_flag(p)
+
+    p = sub.add_parser("export", help="export a trained model for use outside hemaseg (ONNX)",
+                       description="Write RUN's best model as ONNX with dynamic batch/height/width and the "
+                                   "preprocessing (letterbox size, normalisation, threshold) in its metadata. "
+                                   "ONNX Runtime's output is checked against PyTorch before the file is written.")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    p.add_argument("--out", help="file to write (default RUN/model.onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+
+    p = sub.add_parser("cv", help="k-fold cross-validation: train every fold, evaluate out of fold",
+                       description="Deterministic (group-aware) folds saved to RUN/folds.json; trains RUN/fold_K "
+                                   "(resumable: rerun the same command), then evaluates out of fold with and without "
+                                   "TTA, decides postprocessing and the needs-review threshold, and writes "
+                                   "RUN/cv_summary.json and RUN/oof/. predict/evaluate accept RUN as an ensemble.")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", required=True, help="cross-validation run folder")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    _add_train_flags(p)
+
+    p = sub.add_parser("report", help="write the HTML report of a run",
+                       description="Evaluate RUN on its validation split (a cross-validation run: out of fold, no "
+                                   "retraining) and write one self-contained RUN/report.html.")
+    p.add_argument("run", help="run folder or cross-validation run folder")
+    p.add_argument("--data", help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
 
     p = sub.add_parser("demo", help="synthesize, train, evaluate, predict and report in a few minutes",
@@ -185,10 +232,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, format_summary, run_split_names
+    from .evaluate import evaluate, format_summary, run_split_names, write_report
     from .predict import load_model
 
-    predictor = load_model(args.run, device=args.device, threshold=args.threshold)
+    predictor = load_model(args.run, device=args.device, threshold=args.threshold, tta=args.tta,
+                           postprocess=not args.no_postprocess, backend=args.backend)
     names = None
     if args.split != "all":
         names = run_split_names(args.run, args.split)
@@ -197,21 +245,73 @@ def cmd_evaluate(args) -> int:
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir / "eval"
     result = evaluate(predictor, args.data, out, names=names, mask_threshold=args.mask_threshold,
-                      progress=not args.quiet)
+                      progress=not args.quiet, keep_masks=True)
+    for row in result["rows"]:
+        row["needs_review"] = predictor.needs_review(row["confidence"])
+    report = write_report(out / "report.html", f"Evaluation of {run_dir} on {args.data} ({args.split})",
+                          result["rows"], result["summary"], run_dir=run_dir)
     print(f"evaluation of {predictor.metadata['checkpoint']} on {args.data} ({args.split}):")
     print(format_summary(result["summary"]))
-    print(f"per-image metrics: {out / 'per_image.csv'}; summary: {out / 'summary.json'}")
+    print(f"per-image metrics: {out / 'per_image.csv'}; summary: {out / 'summary.json'}; report: {report}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from .predict import load_model, predict_files
 
-    predictor = load_model(args.run, device=args.device, threshold=args.threshold)
+    predictor = load_model(args.run, device=args.device, threshold=args.threshold, tta=args.tta,
+                           postprocess=not args.no_postprocess, backend=args.backend)
     rows = predict_files(predictor, args.inputs, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
                          progress=not args.quiet)
     found = sum(r["n_lesions"] > 0 for r in rows)
     print(f"segmented {len(rows)} image(s), {found} with a lesion; masks, overlays and predictions.csv in {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    result = export_onnx(args.run, args.out, opset=args.opset)
+    print(f"wrote {result.path} ({result.n_bytes / 1e6:.1f} MB); onnxruntime vs torch max abs diff on logits "
+          f"{result.max_abs_diff:.2e}")
+    return 0
+
+
+def cmd_cv(args) -> int:
+    from .cv import run_cv
+
+    result = run_cv(_train_config(args), args.out, folds=args.folds, seed=args.fold_seed, progress=not args.quiet)
+    s = result["summary"]
+    print(f"out-of-fold Dice: plain {s['oof_dice_plain']:.4f}, TTA {s['oof_dice_tta']:.4f}, "
+          f"final ({s['inference']} + postprocessing) {s['oof_dice_final']:.4f}; per fold "
+          + ", ".join(f"{d:.3f}" for d in s["fold_dice"])
+          + f" (mean {s['fold_dice_mean']:.4f} +- {s['fold_dice_sd']:.4f})")
+    print(f"postprocessing kept: {s['postprocessing']}; summary in {Path(args.out) / 'cv_summary.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .config import RunConfig
+
+    run = Path(args.run)
+    if (run / "folds.json").is_file():
+        from .cv import run_cv
+
+        cfg = RunConfig.load(run / "fold_0" / "config.json")
+        if args.data:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data))
+        folds = json.loads((run / "folds.json").read_text())
+        run_cv(cfg, run, folds=folds["n_folds"], seed=folds["seed"], progress=not args.quiet)
+    else:
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
+        data = args.data or RunConfig.load(run / "config.json").data.root
+        ns = build_parser().parse_args(["evaluate", str(run), str(data), "--out", str(run / "eval"), "--split", "val",
+                                        "--device", args.device])
+        ns.quiet = args.quiet
+        cmd_evaluate(ns)
+        (run / "report.html").write_bytes((run / "eval" / "report.html").read_bytes())
+    print(f"report: {run / 'report.html'}")
     return 0
 
 
@@ -227,7 +327,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "demo": cmd_demo}
+            "predict": cmd_predict, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

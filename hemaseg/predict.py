@@ -7,6 +7,7 @@ back through `transforms.unletterbox`, so masks land on each image's original pi
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .backends import Backend, make_backend
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import RunConfig
 from .models import build_model
+from .postprocess import PostprocessPlan, apply_plan, confidence
 from .transforms import Letterbox, preprocess, unletterbox
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,27 @@ def to_gray_unit(image: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def forward_probs(model: torch.nn.Module, batch: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(N, S, S) normalised inputs -> (N, S, S) probabilities on the CPU."""
+def forward_probs(models: torch.nn.Module | Backend | Sequence[torch.nn.Module | Backend],
+                  batch: np.ndarray | torch.Tensor, device: torch.device, tta: bool = False) -> torch.Tensor:
+    """(N, S, S) normalised inputs -> (N, S, S) probabilities on the CPU.
+
+    Several models (a cross-validation ensemble) and, with `tta`, horizontal and vertical flips
+    are averaged in probability space. A model is a network (run eager, bf16 autocast on CUDA) or
+    a `backends.make_backend` callable.
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
     x = torch.as_tensor(batch, dtype=torch.float32)[:, None].to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(x)
-    return torch.sigmoid(logits.float())[:, 0].cpu()
+    flips = [(), (-1,), (-2,)] if tta else [()]
+    total = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    for model in models:
+        for dims in flips:
+            xin = x.flip(dims) if dims else x
+            eager = isinstance(model, torch.nn.Module)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and eager):
+                logits = model(xin)
+            p = torch.sigmoid(logits.float())
+            total += p.flip(dims) if dims else p
+    return (total / (len(models) * len(flips)))[:, 0].cpu()
 
 
 @dataclass
@@ -65,7 +83,7 @@ class Prediction:
     """One image's result on its original pixel grid."""
 
     prob: np.ndarray  # float32 HxW in [0, 1]
-    mask: np.ndarray  # bool HxW
+    mask: np.ndarray  # bool HxW, after the run's postprocessing
 
     @property
     def area_px(self) -> int:
@@ -75,29 +93,75 @@ class Prediction:
     def n_lesions(self) -> int:
         return int(ndimage.label(self.mask)[1])
 
+    @property
+    def confidence(self) -> float:
+        return confidence(self.prob)
+
+
+def _load_weights(ckpt_path: Path) -> tuple[torch.nn.Module, RunConfig, dict]:
+    ckpt = load_checkpoint(ckpt_path)
+    config = RunConfig.from_dict(ckpt["config"])
+    model = build_model(config.model)
+    model.load_state_dict(ckpt["model"])
+    return model, config, ckpt
+
+
+def fold_checkpoints(run: Path) -> list[Path]:
+    """best.pt of every fold of a cross-validation run folder (empty for a plain run)."""
+    if not (run / "folds.json").is_file():
+        return []
+    paths = sorted(run.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not paths:
+        raise FileNotFoundError(f"{run}: a cross-validation run without any trained fold (fold_*/best.pt)")
+    return paths
+
 
 class Predictor:
-    """A trained model plus the preprocessing it was trained with."""
+    """One model, or a cross-validation ensemble, plus the preprocessing and postprocessing it was
+    trained and validated with."""
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, device: str | torch.device = "auto",
-                 threshold: float | None = None, metadata: dict | None = None):
+    def __init__(self, models: torch.nn.Module | Sequence[torch.nn.Module], config: RunConfig,
+                 device: str | torch.device = "auto", threshold: float | None = None,
+                 metadata: dict | None = None, tta: bool = False, plan: PostprocessPlan | None = None,
+                 backend: str = "torch"):
         self.device = select_device(device) if isinstance(device, str) else device
-        self.model = model.to(self.device).eval()
+        models = [models] if isinstance(models, torch.nn.Module) else list(models)
+        self.models = [m.to(self.device).eval() for m in models]
+        self.backend = backend  # how the networks run (backends.BACKENDS); "torch" runs them as they are
+        self.runners = self.models if backend == "torch" else [make_backend(m, backend, self.device)
+                                                               for m in self.models]
         self.config = config
         self.threshold = config.train.threshold if threshold is None else threshold
         self.metadata = metadata or {}
+        self.tta = tta
+        self.plan = plan or PostprocessPlan()
+        self.review_threshold: float | None = None  # confidence at or below which a case needs review
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.models[0]
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", threshold: float | None = None) -> "Predictor":
-        """`path` is a run folder (uses best.pt) or a checkpoint file."""
-        ckpt_path = resolve_checkpoint(path)
-        ckpt = load_checkpoint(ckpt_path)
-        config = RunConfig.from_dict(ckpt["config"])
-        model = build_model(config.model)
-        model.load_state_dict(ckpt["model"])
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", threshold: float | None = None,
+                        tta: bool = False, postprocess: bool = True, backend: str = "torch") -> "Predictor":
+        """`path` is a run folder (best.pt), a cross-validation run (every fold's best.pt, averaged)
+        or a checkpoint file. A run's postprocessing.json is applied unless postprocess=False."""
+        path = Path(path)
+        folds = fold_checkpoints(path) if path.is_dir() else []
+        paths = folds or [resolve_checkpoint(path)]
+        loaded = [_load_weights(p) for p in paths]
+        config, ckpt = loaded[0][1], loaded[0][2]
         meta = {k: ckpt.get(k) for k in ("version", "epoch", "metrics", "data_fingerprint")}
-        meta["checkpoint"] = str(ckpt_path)
-        return cls(model, config, device, threshold, meta)
+        meta["checkpoint"] = str(paths[0]) if len(paths) == 1 else str(path)
+        meta["n_models"] = len(paths)
+        run_dir = path if path.is_dir() else path.parent
+        plan = None
+        if postprocess and (run_dir / "postprocessing.json").is_file():
+            plan = PostprocessPlan.load(run_dir / "postprocessing.json")
+        predictor = cls([m for m, _, _ in loaded], config, device, threshold, meta, tta, plan, backend)
+        if (run_dir / "confidence.json").is_file():
+            predictor.review_threshold = json.loads((run_dir / "confidence.json").read_text()).get("threshold")
+        return predictor
 
     @property
     def size(self) -> int:
@@ -111,19 +175,31 @@ class Predictor:
         out = []
         for start in range(0, len(images), batch_size):
             prepared = [self._prepare(im) for im in images[start:start + batch_size]]
-            probs = forward_probs(self.model, np.stack([p for p, _ in prepared]), self.device)
+            probs = forward_probs(self.runners, np.stack([p for p, _ in prepared]), self.device, self.tta)
             out.extend(unletterbox(p, box) for p, (_, box) in zip(probs, prepared))
         return out
+
+    def to_mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """Threshold, then the run's postprocessing."""
+        return apply_plan(prob >= (self.threshold if threshold is None else threshold), self.plan)
+
+    def needs_review(self, conf: float) -> bool:
+        """Flag a case whose confidence is at or below the threshold chosen out of fold (False
+        when the run has no such threshold)."""
+        return self.review_threshold is not None and conf <= self.review_threshold
 
     def predict(self, image: np.ndarray, threshold: float | None = None) -> Prediction:
         """One image (HxW or HxWxC, any dtype) -> Prediction(prob, mask) at its original size."""
         prob = self.predict_proba_batch([image])[0]
-        return Prediction(prob, prob >= (self.threshold if threshold is None else threshold))
+        return Prediction(prob, self.to_mask(prob, threshold))
 
 
-def load_model(path: str | Path, device: str = "auto", threshold: float | None = None) -> Predictor:
-    """The Python API's entry point: `hemaseg.load_model("runs/x").predict(image)`."""
-    return Predictor.from_checkpoint(path, device=device, threshold=threshold)
+def load_model(path: str | Path, device: str = "auto", threshold: float | None = None, tta: bool = False,
+               postprocess: bool = True, backend: str = "torch") -> Predictor:
+    """The Python API's entry point: `hemaseg.load_model("runs/x").predict(image)`. `backend` is one of
+    `backends.BACKENDS` ("torch-fast", "torch-bf16", "onnxruntime" run faster on a CPU)."""
+    return Predictor.from_checkpoint(path, device=device, threshold=threshold, tta=tta, postprocess=postprocess,
+                                     backend=backend)
 
 
 # --- files in, files out ---------------------------------------------------------------------------
@@ -176,7 +252,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out_dir: s
         chunk = files[start:start + batch_size]
         images = [read_image(p) for p in chunk]
         for path, image, prob in zip(chunk, images, predictor.predict_proba_batch(images, batch_size)):
-            pred = Prediction(prob, prob >= thr)
+            pred = Prediction(prob, predictor.to_mask(prob, thr))
             save_png(out_dir / f"{path.stem}_mask.png", pred.mask.astype(np.uint8) * 255)
             save_png(out_dir / f"{path.stem}_overlay.png", overlay_contours(image, pred=pred.mask))
             if save_prob:
@@ -185,6 +261,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out_dir: s
                 "image": str(path), "width": image.shape[1], "height": image.shape[0],
                 "lesion_area_px": pred.area_px, "lesion_fraction": round(pred.area_px / image.size, 6),
                 "n_lesions": pred.n_lesions, "max_prob": round(float(prob.max()), 4),
+                "confidence": round(pred.confidence, 4),
+                "needs_review": predictor.needs_review(pred.confidence),
             })
         bar.update(len(chunk))
     bar.close()

@@ -91,5 +91,25 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert (out / path).is_file(), path
     assert len(list((out / "predictions").glob("*_overlay.png"))) == 4
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "dice_mean" in html
+    assert html.count("data:image/png;base64,") >= 3 and "Dice" in html and "http" not in html.lower().replace("http-equiv", "")
     assert "report.html" in capsys.readouterr().out
+
+
+def test_cv_and_report_commands(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["-q", "synth", str(data), "--n", "10", "--size", "48", "--seed", "2"]) == 0
+    cv = tmp_path / "cv"
+    assert main(["-q", "cv", str(data), "--out", str(cv), "--folds", "2", "--size", "32", "--epochs", "1",
+                 "--batch-size", "4"]) == 0
+    assert "out-of-fold Dice" in capsys.readouterr().out
+    assert (cv / "report.html").is_file() and (cv / "fold_1" / "best.pt").is_file()
+    # predict and evaluate accept the cross-validation run (fold ensemble) and --tta
+    assert main(["-q", "predict", str(cv), str(data / "images" / "1.png"), "--out", str(tmp_path / "p"), "--tta"]) == 0
+    assert (tmp_path / "p" / "1_mask.png").is_file()
+    assert main(["-q", "evaluate", str(cv), str(data), "--out", str(tmp_path / "ev"), "--tta"]) == 0
+    assert (tmp_path / "ev" / "report.html").is_file()
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(data), "--out", str(run), "--size", "32", "--epochs", "1"]) == 0
+    assert main(["-q", "report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "Training" in html and "<table" in html

@@ -1,0 +1,139 @@
+"""Cross-validation: deterministic (group-aware) folds, one resumable training per fold, and
+out-of-fold evaluation that decides TTA, postprocessing and the review threshold on data the
+models never saw.
+
+RUN/folds.json             the folds (written once, reused)
+RUN/fold_K/                a normal training run per fold (resumable)
+RUN/postprocessing.json    steps that raised out-of-fold Dice (predict applies them)
+RUN/confidence.json        needs_review threshold and the confidence-Dice correlation
+RUN/oof/per_image.csv, RUN/oof/summary.json, RUN/cv_summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .checkpoint import atomic_write_text
+from .config import RunConfig
+from .data import find_groups, find_samples, kfold_split, read_groups, save_split
+from .evaluate import evaluate, json_safe, score_image, summarize, write_evaluation, write_report
+from .postprocess import apply_plan, decide_plan
+from .predict import load_model
+from .train import fit
+
+log = logging.getLogger(__name__)
+REVIEW_BELOW_DICE = 0.5  # a case "needs review" when its Dice would fall below this
+
+
+def make_folds(cfg: RunConfig, out: Path, folds: int, seed: int) -> list[dict]:
+    path = out / "folds.json"
+    names = [s.name for s in find_samples(cfg.data.root)]
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        saved_names = sorted(n for f in saved["folds"] for n in f["val"])
+        if saved_names != sorted(names):
+            raise ValueError(f"{path}: folds were made for a different set of scans than {cfg.data.root}")
+        return saved["folds"]
+    groups = read_groups(cfg.data.groups_file) if cfg.data.groups_file else find_groups(cfg.data.root)
+    split = kfold_split(names, folds, seed, groups)
+    atomic_write_text(path, json.dumps({"n_folds": folds, "seed": seed, "grouped": groups is not None,
+                                        "folds": split}, indent=2))
+    return split
+
+
+def choose_review_threshold(conf: np.ndarray, dice: np.ndarray) -> dict:
+    """Confidence below which a case is flagged: the cut that best separates cases with Dice below
+    REVIEW_BELOW_DICE (Youden's J). Also reports the Spearman correlation of confidence and Dice."""
+    ok = np.isfinite(dice)
+    conf, dice = conf[ok], dice[ok]
+    result = {"n": int(ok.sum()), "review_below_dice": REVIEW_BELOW_DICE, "threshold": None,
+              "spearman_r": None, "spearman_p": None}
+    if len(dice) >= 3 and np.ptp(conf) > 0 and np.ptp(dice) > 0:
+        r = stats.spearmanr(conf, dice)
+        result["spearman_r"], result["spearman_p"] = float(r.statistic), float(r.pvalue)
+    bad = dice < REVIEW_BELOW_DICE
+    if bad.any() and (~bad).any():
+        best_j, best_t = -1.0, None
+        for t in np.unique(conf):
+            flagged = conf <= t
+            j = flagged[bad].mean() - flagged[~bad].mean()
+            if j > best_j:
+                best_j, best_t = j, float(t)
+        result.update(threshold=best_t, youden_j=float(best_j),
+                      flagged_share=float((conf <= best_t).mean()))
+    return result
+
+
+def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, progress: bool = True) -> dict:
+    """Train every fold (skipping finished ones, resuming interrupted ones), then evaluate out of fold."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = make_folds(cfg, out, folds, seed)
+    for k, fold in enumerate(split):
+        fold_dir = out / f"fold_{k}"
+        if (fold_dir / "summary.json").is_file():
+            log.info("fold %d already trained", k)
+            continue
+        resume = (fold_dir / "last.pt").is_file()
+        save_split({"train": fold["train"], "val": fold["val"]}, fold_dir / "splits.json")
+        log.info("fold %d/%d: %s", k + 1, len(split), "resuming" if resume else "training")
+        fit(cfg, fold_dir, resume=resume, progress=progress)
+
+    variants = {"plain": [], "tta": []}
+    for k, fold in enumerate(split):
+        predictor = load_model(out / f"fold_{k}", device=cfg.train.device, postprocess=False)
+        for name in variants:
+            predictor.tta = name == "tta"
+            result = evaluate(predictor, cfg.data.root, names=fold["val"], mask_threshold=cfg.data.mask_threshold,
+                              progress=progress, keep_masks=True)
+            for row in result["rows"]:
+                row["fold"] = k
+            variants[name].extend(result["rows"])
+
+    threshold = cfg.train.threshold
+    base = "tta" if _mean_dice(variants["tta"]) >= _mean_dice(variants["plain"]) else "plain"
+    plan, evidence = decide_plan([r["prob"] for r in variants[base]], [r["ref"] for r in variants[base]], threshold)
+    plan.save(out / "postprocessing.json", {"decided_on": f"out-of-fold, {base}", **evidence})
+    to_mask = lambda p: apply_plan(p >= threshold, plan)  # noqa: E731
+    final = []
+    for r in variants[base]:
+        row = score_image(r["name"], r["prob"], r["ref"], to_mask)
+        final.append({**row, "fold": r["fold"], "image": r["image"], "ref": r["ref"]})
+
+    conf = np.array([r["confidence"] for r in final])
+    review = choose_review_threshold(conf, np.array([r["dice"] for r in final]))
+    atomic_write_text(out / "confidence.json", json.dumps(review, indent=2))
+    for r in final:
+        r["needs_review"] = review["threshold"] is not None and r["confidence"] <= review["threshold"]
+
+    summary = summarize(final)
+    write_evaluation(out / "oof", final, summary)
+    fold_dice = [_mean_dice([r for r in final if r["fold"] == k]) for k in range(len(split))]
+    cv_summary = {
+        "n_folds": len(split), "n_images": len(final), "inference": base, "postprocessing": dataclasses.asdict(plan),
+        "oof_dice_plain": _mean_dice(variants["plain"]), "oof_dice_tta": _mean_dice(variants["tta"]),
+        "oof_dice_final": summary["dice_mean"], "oof_dice_lesion_final": summary["dice_mean_lesion"],
+        "fold_dice": fold_dice, "fold_dice_mean": float(np.nanmean(fold_dice)), "fold_dice_sd": float(np.nanstd(fold_dice)),
+        "confidence": review,
+    }
+    atomic_write_text(out / "cv_summary.json", json.dumps(json_safe(cv_summary), indent=2))
+    write_report(out / "report.html", f"Cross-validation: {len(split)} folds on {cfg.data.root}", final,
+                 {**summary, **{k: v for k, v in cv_summary.items() if not isinstance(v, (dict, list))}},
+                 run_dir=out / "fold_0",
+                 notes=[f"Out-of-fold predictions of {len(split)} fold models ({base} inference, postprocessing "
+                        f"{dataclasses.asdict(plan)}); training curves are fold 0's. Cases with confidence <= "
+                        f"{review['threshold']} are flagged for review (Spearman r of confidence vs Dice: "
+                        f"{review['spearman_r']})."])
+    return {"summary": cv_summary, "rows": final}
+
+
+def _mean_dice(rows: list[dict]) -> float:
+    d = np.array([r["dice"] for r in rows], np.float64)
+    return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+

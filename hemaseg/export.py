@@ -1,0 +1,138 @@
+"""Export a trained model to ONNX that carries everything a consumer needs to use it.
+
+The graph takes (batch, 1, height, width) float32 normalised scans (height and width multiples of
+`size_multiple`, all three dynamic) and returns (batch, 1, height, width) logits; probability =
+sigmoid(logits). How to get from a scan to that input (letterbox to `input_size`, normalisation) and
+back is written into the model's metadata_props, so no hemaseg code or config file is needed beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .backends import OnnxRuntimeBackend, fuse_conv_bn
+from .checkpoint import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+PARITY_ATOL = 1e-3  # on logits; fp32 kernels differ in summation order only (~1e-5 seen)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    max_abs_diff: float  # largest |ONNX Runtime - PyTorch| over the logits of the parity input
+    metadata: dict[str, str]
+    n_bytes: int
+
+
+def onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise `model` (BN folded, eval) to ONNX with dynamic batch, height and width.
+
+    Uses the TorchScript exporter: it needs no extra package (the torch.export one needs onnxscript)
+    and handles this plain feed-forward network exactly."""
+    fused = fuse_conv_bn(model).cpu().float()
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # tracer notes about the shape check in forward(); it is not traced
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            fused, torch.zeros(1, 1, 64, 64), buf, input_names=["image"], output_names=["logits"],
+            opset_version=opset, do_constant_folding=True,
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                          "logits": {0: "batch", 2: "height", 3: "width"}},
+            **kwargs,
+        )
+    if not metadata:
+        return buf.getvalue()
+    import onnx
+
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.helper.set_model_props(proto, metadata)
+    proto.doc_string = metadata.get("usage", "")
+    return proto.SerializeToString()
+
+
+def onnx_metadata(predictor) -> dict[str, str]:
+    """What a consumer needs besides the graph, as ONNX metadata_props (string to string)."""
+    cfg = predictor.config
+    size_multiple = cfg.model.size_multiple
+    return {
+        "producer": "hemaseg",
+        "hemaseg_version": __version__,
+        "model_arch": cfg.model.arch,
+        "model_config": json.dumps(cfg.to_dict()["model"]),
+        "input_policy": "letterbox",
+        "input_size": str(cfg.data.size),
+        "size_multiple": str(size_multiple),
+        "normalization": cfg.data.normalize,
+        "threshold": str(predictor.threshold),
+        "output": "logits",
+        "usage": (
+            f"Gray scan in [0,1] -> resize so the longer side is {cfg.data.size} px (bilinear, antialiased "
+            f"when shrinking, aspect kept) -> centre on a {cfg.data.size}x{cfg.data.size} zero canvas "
+            f"(top=(S-h)//2, left=(S-w)//2) -> normalize "
+            + ("with the mean/std of the unpadded region (zscore)" if cfg.data.normalize == "zscore"
+               else "as (x-0.5)/0.25 (unit)")
+            + f" -> input (N,1,S,S) float32; any H,W multiple of {size_multiple} also runs. "
+            f"prob = sigmoid(logits); crop the pad, resize back; mask = prob >= {predictor.threshold}, then the "
+            "steps in 'postprocessing'."
+        ),
+        "postprocessing": json.dumps(dataclasses.asdict(predictor.plan)),
+        "checkpoint_epoch": str(predictor.metadata.get("epoch")),
+        "checkpoint_metrics": json.dumps(predictor.metadata.get("metrics"), default=str),
+    }
+
+
+def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                atol: float = PARITY_ATOL) -> ExportResult:
+    """Write `out_path` (default RUN/model.onnx) from a Predictor or a run folder / checkpoint.
+
+    Before anything is written, ONNX Runtime runs the export on a random (2, 1, S, S) input and its
+    logits are compared with eager PyTorch; a difference above `atol` raises RuntimeError. The file is
+    replaced atomically."""
+    from .predict import Predictor
+
+    if isinstance(predictor_or_run, Predictor):
+        predictor = predictor_or_run
+    else:
+        predictor = Predictor.from_checkpoint(predictor_or_run, device="cpu")
+    if len(predictor.models) > 1:
+        raise ValueError(f"{predictor.metadata.get('checkpoint')}: a cross-validation ensemble of "
+                         f"{len(predictor.models)} models; export one fold's run folder (RUN/fold_K)")
+    if out_path is None:
+        ckpt = Path(predictor.metadata.get("checkpoint") or "")
+        if not ckpt.name:
+            raise ValueError("this Predictor did not come from a checkpoint; pass out_path")
+        out_path = ckpt.parent / "model.onnx"
+    out_path = Path(out_path)
+    metadata = onnx_metadata(predictor)
+    data = onnx_bytes(predictor.model, opset, metadata)
+
+    model = predictor.model.cpu().eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, predictor.size, predictor.size),
+                                                                    dtype=np.float32))
+    with torch.inference_mode():
+        expected = model(x).float()
+    predictor.model.to(predictor.device)
+    got = OnnxRuntimeBackend(data)(x)
+    diff = float((got - expected).abs().max())
+    if not diff <= atol:
+        raise RuntimeError(f"ONNX export parity check failed: max |onnxruntime - torch| = {diff:.3g} "
+                           f"> {atol:g} on logits; nothing written")
+    atomic_write_bytes(out_path, data)
+    log.info("wrote %s (%d bytes); parity max abs diff %.3g", out_path, len(data), diff)
+    return ExportResult(out_path, diff, metadata, len(data))

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="CSV of image name + group (group/dup_group/patient column): a group never spans "
                         "train and val (default: DATA/manifest.csv when it has such a column)")
     g.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
+    g.add_argument("--preset", choices=["seed", "default", "large"], default="default",
+                   help="recipe to start from, adapted to the dataset (input size, batch) and stored in the run: "
+                        "'seed' = the original network with a sound recipe, 'default' = best measured for a "
+                        "2-core CPU, 'large' = wider and larger input, for a GPU (default: default); "
+                        "flags below override it")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="arch", choices=["seed", "unet"],
                    help="'seed' = the original 487,449-parameter network (default); 'unet' = configurable")
@@ -58,12 +64,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget-minutes", type=float, metavar="M",
                    help="fit the number of epochs to M minutes of wall time (measured after the first epoch)")
     g.add_argument("--batch-size", type=int, help="images per step (default 8)")
+    g.add_argument("--loss", choices=["dice_bce", "dice_focal"], help="Dice + BCE (default) or Dice + focal (MONAI)")
     g.add_argument("--lr", type=float, help="peak AdamW learning rate (default 3e-3)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length before cosine decay (default 1)")
     g.add_argument("--seed", type=int, help="seed of weights, batch order and augmentation (default 0)")
     g.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default auto)")
     g.add_argument("--num-workers", type=int, help="data-loader worker processes (default 0)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="autocast precision: auto = bf16 on CUDA, fp32 on the CPU (default); bf16 also on "
+                        "CPUs with AVX512-BF16/AMX (faster training, see benchmarks/speed.py); fp32 everywhere")
     g.add_argument("--threshold", type=float, help="probability threshold for masks (default 0.5)")
     g.add_argument("--no-augment", action="store_true", help="train without augmentation")
     g.add_argument("--config", metavar="JSON", help="a config.json (e.g. from an earlier run) to start from; "
@@ -164,20 +174,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="scan and training size (default 128)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP, with a web page for people",
+                       description="Serve RUN at http://HOST:PORT/: a web page to upload a scan and see its outline, "
+                                   "and a versioned JSON API (POST /v1/segment, GET /v1/model, GET /healthz, "
+                                   "GET /readyz; schema at /openapi.json). Uploads stay in memory and are not "
+                                   "logged. Needs the serving dependencies (fastapi, uvicorn, python-multipart).")
+    p.add_argument("run", help="run folder, cross-validation run folder or checkpoint file")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                        "network, so set an API key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads that decode, run the model and encode at once, in one process with one copy "
+                        "of the model (default 2)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="group up to N requests that arrive together into one forward pass on one model "
+                        "thread (default 1 = off: on a 2-core CPU a thread pool served more; measure yours "
+                        "with benchmarks/service.py)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require KEY on every /v1 route (header X-API-Key or Authorization: Bearer KEY); "
+                        "default: the HEMASEG_API_KEY environment variable, else no key. The page, /healthz "
+                        "and /readyz stay open. Prefer the variable: a flag shows in the process list")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+                   help="largest upload accepted, in MiB; larger ones get 413 (default 20)")
+    p.add_argument("--max-pixels", type=int, default=16_000_000, metavar="N",
+                   help="largest image accepted, width x height, checked before decoding; larger ones get 413 "
+                        "(default 16000000)")
+    p.add_argument("--keep-uploads", metavar="DIR",
+                   help="save every upload to DIR as REQUEST_ID.EXT (off by default: nothing is written to disk; "
+                        "these files may hold patient data)")
+    p.add_argument("--threshold", type=float, help="default probability threshold (default: the run's); "
+                                                   "requests may override it with ?threshold=")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_inference_flags(p)
+    _add_backend_flag(p)
     return parser
 
 
 def _train_config(args: argparse.Namespace):
     from .config import RunConfig
 
+    from .plan import describe, fingerprint_stats, make_plan
+    from .predict import select_device
+
     base = json.loads(Path(args.config).read_text()) if args.config else {}
-    base = {k: v for k, v in base.items() if k in ("data", "model", "augment", "train")}
+    plan = None
+    if not args.config:  # a preset adapted to the data; a config file is taken as it is
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"{args.data}: no such dataset folder")
+        device = select_device(args.device or "auto").type
+        plan = make_plan(args.preset, fingerprint_stats(args.data), device)
+        base = {k: plan[k] for k in ("data", "model", "augment", "train")}
     sections: dict[str, dict] = {s: dict(base.get(s, {})) for s in ("data", "model", "augment", "train")}
     owners = {
         "data": ("size", "normalize", "val_fraction", "split_seed", "split_file", "groups_file", "mask_threshold"),
         "model": ("arch", "base_width", "depth", "norm"),
-        "train": ("epochs", "budget_minutes", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
-                  "device", "num_workers", "threshold"),
+        "train": ("epochs", "budget_minutes", "batch_size", "loss", "lr", "weight_decay", "warmup_epochs", "seed",
+                  "device", "num_workers", "precision", "threshold"),
     }
     for section, keys in owners.items():
         for key in keys:
@@ -190,7 +244,10 @@ def _train_config(args: argparse.Namespace):
         sections["augment"] = {k: 0.0 for k in ("hflip", "vflip", "affine_p", "gamma_p", "contrast_p", "blur_p",
                                                  "noise_p", "speckle_p")}
     sections["data"]["root"] = str(args.data)
-    return RunConfig.from_dict(sections)
+    config = RunConfig.from_dict({**sections, "plan": plan})
+    if plan is not None:
+        log.info(describe(plan))
+    return config
 
 
 def cmd_synth(args) -> int:
@@ -326,9 +383,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .serve import Settings, create_app
+
+    api_key = args.api_key or os.environ.get("HEMASEG_API_KEY") or None
+    settings = Settings(
+        api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+        keep_uploads=Path(args.keep_uploads) if args.keep_uploads else None, workers=args.workers,
+        max_batch=args.max_batch, device=args.device, threshold=args.threshold, backend=args.backend,
+        tta=args.tta, postprocess=not args.no_postprocess,
+    )
+    app = create_app(args.run, settings)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without an API key: anyone who can reach it can upload scans", args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.run} at http://{host}:{args.port}/ (API /v1/segment; schema /openapi.json)"
+          + ("; API key required" if api_key else ""))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
 COMMANDS = {"synth": cmd_synth, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
             "predict": cmd_predict, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
-            "export": cmd_export}
+            "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

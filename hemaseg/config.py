@@ -39,6 +39,10 @@ class DataConfig:
             raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+LOSSES = ("dice_bce", "dice_focal")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. `epochs` is ignored when `budget_minutes` is set: the run fits epochs to it."""
@@ -48,11 +52,13 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    loss: str = "dice_bce"
     lambda_dice: float = 1.0
     lambda_bce: float = 1.0
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on CUDA when `amp`, fp32 on CPU
     num_workers: int = 0
     threshold: float = 0.5
     budget_minutes: float | None = None
@@ -64,6 +70,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
 
@@ -74,6 +84,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: dict | None = None  # the preset and dataset fingerprint the settings came from (plan.make_plan)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -101,10 +101,11 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
     plan, evidence = decide_plan([r["prob"] for r in variants[base]], [r["ref"] for r in variants[base]], threshold)
     plan.save(out / "postprocessing.json", {"decided_on": f"out-of-fold, {base}", **evidence})
     to_mask = lambda p: apply_plan(p >= threshold, plan)  # noqa: E731
-    final = []
-    for r in variants[base]:
-        row = score_image(r["name"], r["prob"], r["ref"], to_mask)
-        final.append({**row, "fold": r["fold"], "image": r["image"], "ref": r["ref"]})
+    for name in list(variants):
+        variants[f"{name}+pp"] = [
+            {**score_image(r["name"], r["prob"], r["ref"], to_mask), "fold": r["fold"], "image": r["image"],
+             "ref": r["ref"]} for r in variants[name]]
+    final = variants[f"{base}+pp"]
 
     conf = np.array([r["confidence"] for r in final])
     review = choose_review_threshold(conf, np.array([r["dice"] for r in final]))
@@ -121,6 +122,7 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
         "oof_dice_final": summary["dice_mean"], "oof_dice_lesion_final": summary["dice_mean_lesion"],
         "fold_dice": fold_dice, "fold_dice_mean": float(np.nanmean(fold_dice)), "fold_dice_sd": float(np.nanstd(fold_dice)),
         "confidence": review,
+        "variants": {name: variant_summary(rows, len(split)) for name, rows in variants.items()},
     }
     atomic_write_text(out / "cv_summary.json", json.dumps(json_safe(cv_summary), indent=2))
     write_report(out / "report.html", f"Cross-validation: {len(split)} folds on {cfg.data.root}", final,
@@ -131,6 +133,18 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
                         f"{review['threshold']} are flagged for review (Spearman r of confidence vs Dice: "
                         f"{review['spearman_r']})."])
     return {"summary": cv_summary, "rows": final}
+
+
+VARIANT_KEYS = ("dice_mean", "dice_mean_lesion", "hd95_px_mean", "hd95_px_median", "lesion_sensitivity",
+                "lesion_fp_per_image", "n_false_positive_images", "n_true_negative_images")
+
+
+def variant_summary(rows: list[dict], n_folds: int) -> dict:
+    """The headline figures of one inference variant (plain / TTA, with or without postprocessing)."""
+    s = summarize(rows)
+    out = {k: s.get(k) for k in VARIANT_KEYS}
+    out["fold_dice"] = [_mean_dice([r for r in rows if r["fold"] == k]) for k in range(n_folds)]
+    return out
 
 
 def _mean_dice(rows: list[dict]) -> float:

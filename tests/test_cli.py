@@ -74,13 +74,13 @@ def test_check_reports_problems_with_exit_status_1(tmp_path, capsys):
     assert "1.png" in out and "2.png" in out
 
 
-def test_errors_are_one_line_and_name_the_file(tmp_path, capsys):
+def test_errors_are_one_line_and_name_the_file(tmp_path, tiny_data, capsys):
     assert main(["-q", "train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "missing" in err
     assert main(["-q", "predict", str(tmp_path / "norun"), "x.png", "--out", str(tmp_path / "o")]) == 2
     assert "norun" in capsys.readouterr().err
-    assert main(["-q", "train", str(tmp_path), "--out", str(tmp_path / "r"), "--size", "50"]) == 2
+    assert main(["-q", "train", str(tiny_data), "--out", str(tmp_path / "r"), "--size", "50"]) == 2
     assert "--size" in capsys.readouterr().err
 
 
@@ -113,3 +113,13 @@ def test_cv_and_report_commands(tmp_path, capsys):
     assert main(["-q", "report", str(run)]) == 0
     html = (run / "report.html").read_text()
     assert "Training" in html and "<table" in html
+
+
+def test_presets_are_adapted_to_the_data_and_stored(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(tiny_data), "--out", str(run), "--preset", "large", "--epochs", "1",
+                 "--batch-size", "4"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["plan"]["preset"] == "large" and config["model"]["base_width"] == 32
+    assert config["data"]["size"] == 64  # capped at the scans' own 64 px instead of the preset's 384
+    assert config["plan"]["fingerprint"]["n_pairs"] == 16

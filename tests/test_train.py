@@ -55,13 +55,15 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_data, tmp_pat
     assert [h["val_dice"] for h in full["history"]] == [h["val_dice"] for h in cut["history"]]
 
 
-def test_time_budget_fits_the_epochs(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, epochs=1, budget_minutes=0.1)  # 6 s
+def test_a_one_minute_budget_stops_within_15_percent(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=1, budget_minutes=1.0)
     t = time.perf_counter()
     summary = fit(cfg, tmp_path / "budget", progress=False)
     wall = time.perf_counter() - t
     assert summary["epochs"] > 1  # chose more epochs than the 1 configured
-    assert wall < 6 * 1.5
+    assert 0.85 * 60 <= wall <= 1.15 * 60, f"{wall:.1f} s for a 60 s budget"
+    last = load_checkpoint(tmp_path / "budget" / "last.pt")
+    assert last["planned_epochs"] == summary["epochs"] == last["epoch"]  # the run records what it chose
 
 
 def test_warmup_then_cosine_schedule():
@@ -69,3 +71,17 @@ def test_warmup_then_cosine_schedule():
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100) == pytest.approx(0.5)
     assert lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_groups_from_the_manifest_never_span_train_and_val(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    names = sorted(p.stem for p in (data / "images").iterdir())
+    groups = {n: f"g{int(n) % 5}" for n in names}  # 5 groups of 3-4 near-duplicate scans
+    (data / "manifest.csv").write_text("name,dup_group\n" + "".join(f"{n}.png,{g}\n" for n, g in groups.items()))
+    fit(tiny_config(data, epochs=1), tmp_path / "run", progress=False)
+    split = load_split(tmp_path / "run" / "splits.json")
+    train_groups = {groups[n] for n in split["train"]}
+    assert train_groups.isdisjoint(groups[n] for n in split["val"])

@@ -1,0 +1,81 @@
+"""Real-data accuracy: k-fold cross-validation with `hemaseg cv` at a stated size and CPU budget.
+
+    python benchmarks/accuracy.py                       # usgra vessels, 5 folds, 60 CPU-minutes in all
+    python benchmarks/accuracy.py --dataset busi        # breast lesions, group-aware folds (dup_group)
+
+Prints one table (per-fold and out-of-fold Dice, HD95, lesion sensitivity, with and without TTA and
+postprocessing, wall time) and writes benchmarks/results/accuracy_<dataset>.json. Skips with a message
+when ../shared/data is absent. Folds are fixed (seed 0) and group-aware where the data has groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import time
+
+from common import CREDITS, RUNS, hardware, require_data, table, write_result
+
+from hemaseg.config import DataConfig, RunConfig, TrainConfig
+from hemaseg.cv import run_cv
+from hemaseg.models import ModelConfig
+from hemaseg.plan import PRESETS, fingerprint_stats, make_plan
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="usgra", choices=sorted(CREDITS))
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--budget-minutes", type=float, default=60.0, help="wall-time budget for ALL folds together")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--size", type=int, help="override the plan's input size")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs of this benchmark first")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    data = require_data(args.dataset)
+    plan = make_plan(args.preset, fingerprint_stats(str(data)))
+    size = args.size or plan["data"]["size"]
+    per_fold = args.budget_minutes / args.folds * 0.93  # leave room for out-of-fold inference
+    cfg = RunConfig(
+        data=DataConfig(root=str(data), size=size),
+        model=ModelConfig(**plan["model"]),
+        train=TrainConfig(**{**plan["train"], "budget_minutes": per_fold}),
+        plan=plan,
+    )
+    out = RUNS / f"accuracy_{args.dataset}_{args.preset}_{size}"
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    result = run_cv(cfg, out, folds=args.folds, seed=0, progress=False)
+    wall = time.perf_counter() - t0
+    s = result["summary"]
+    v = s["variants"]
+    epochs = [json.loads((out / f"fold_{k}" / "summary.json").read_text())["epochs"] for k in range(args.folds)]
+
+    headers = ["inference", *[f"fold {k}" for k in range(args.folds)], "OOF Dice", "OOF Dice (lesion imgs)",
+               "HD95 px (median)", "lesion sens.", "FP imgs"]
+    rows = [[name, *x["fold_dice"], x["dice_mean"], x["dice_mean_lesion"], x["hd95_px_median"],
+             x["lesion_sensitivity"], x["n_false_positive_images"]] for name, x in v.items()]
+    print(f"\n{args.dataset}: {args.folds}-fold CV, preset {args.preset}, {size} px, "
+          f"{per_fold:.1f} min budget per fold, epochs per fold {epochs}; wall {wall / 60:.1f} min on "
+          f"{hardware()['cpu']} ({hardware()['cores']} cores)")
+    print(table(headers, rows))
+    print(f"chosen: {s['inference']} + postprocessing {s['postprocessing']}; confidence vs Dice Spearman r = "
+          f"{s['confidence'].get('spearman_r')}")
+    print(f"data credit: {CREDITS[args.dataset]}")
+    path = write_result(f"accuracy_{args.dataset}", {
+        "command": "python benchmarks/accuracy.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "dataset": args.dataset, "credit": CREDITS[args.dataset], "folds": args.folds, "preset": args.preset,
+        "size": size, "budget_minutes_total": args.budget_minutes, "budget_minutes_per_fold": per_fold,
+        "epochs_per_fold": epochs, "wall_s": round(wall, 1), "hardware": hardware(),
+        "config": dataclasses.asdict(cfg), "cv_summary": s, "table": {"headers": headers, "rows": rows},
+    })
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""The HTTP service in-process (FastAPI TestClient): every endpoint, every limit, auth, privacy."""
+
+import base64
+import builtins
+import io
+import logging
+import struct
+import tempfile
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from hemaseg.data import read_image
+from hemaseg.predict import load_model
+from hemaseg.serve import Settings, create_app
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    im = Image.fromarray(array)
+    if mode:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def post(client, data: bytes, name: str = "scan.png", ctype: str = "image/png", **params):
+    return client.post("/v1/segment", params=params, files={"file": (name, data, ctype)})
+
+
+def assert_error(response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+    assert response.headers["x-request-id"]
+
+
+def png_array(b64_or_bytes) -> np.ndarray:
+    data = base64.b64decode(b64_or_bytes) if isinstance(b64_or_bytes, str) else b64_or_bytes
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_run):
+    return load_model(tiny_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scan_path(tiny_data) -> Path:
+    return min((tiny_data / "images").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def scan(scan_path) -> bytes:
+    return scan_path.read_bytes()
+
+
+def make_client(predictor, **settings) -> TestClient:
+    client = TestClient(create_app(predictor, Settings(**settings)))
+    client.__enter__()  # runs the lifespan: warm-up starts
+    assert client.app.state.service.ready.wait(60)
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    c = make_client(predictor)
+    yield c
+    c.__exit__(None, None, None)
+
+
+# --- endpoints -----------------------------------------------------------------------------------------------
+
+
+def test_health_and_readiness(client, predictor):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    cold = TestClient(create_app(predictor))  # lifespan not run: no warm-up yet
+    assert cold.get("/readyz").status_code == 503
+    assert cold.get("/healthz").status_code == 200
+
+
+def test_model_describes_the_run(client, predictor):
+    m = client.get("/v1/model").json()
+    assert m["name"] == "seed" and m["input_size"] == 32 and m["threshold"] == 0.5
+    assert m["data_fingerprint"] == predictor.metadata["data_fingerprint"] and m["data_fingerprint"]
+    assert "val_dice" in m["metrics"] and m["version"] and m["parameters"] > 0
+
+
+def test_segment_geometry_matches_the_mask(client, predictor, scan, scan_path):
+    image = read_image(scan_path)
+    prob = predictor.predict_proba_batch([image])[0]
+    thr = float(np.clip(np.quantile(prob, 0.8), 0.01, 0.99))  # a threshold that leaves a real lesion
+    r = post(client, scan, threshold=thr)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-request-id"] == body["request_id"]
+    assert r.headers["cache-control"] == "no-store"
+    assert body["image"] == {"width": 64, "height": 64, "format": "PNG", "mode": "L", "bytes": len(scan)}
+    mask = png_array(body["mask_png"]) > 0
+    assert mask.shape == (64, 64)
+    np.testing.assert_array_equal(mask, predictor.to_mask(prob, thr))  # same as `hemaseg predict`
+    assert body["area_px"] == int(mask.sum()) > 0
+    assert body["area_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
+    assert body["n_lesions"] == ndimage.label(mask)[1] == len(body["lesions"])
+    assert sum(les["area_px"] for les in body["lesions"]) == body["area_px"]
+    rows, cols = np.nonzero(mask)
+    assert body["bbox"] == {"x": cols.min(), "y": rows.min(), "width": cols.max() - cols.min() + 1,
+                            "height": rows.max() - rows.min() + 1}
+    for les in body["lesions"]:
+        assert all(mask[y, x] for x, y in les["contour"])
+        b = les["bbox"]
+        assert all(b["x"] <= x < b["x"] + b["width"] and b["y"] <= y < b["y"] + b["height"] for x, y in les["contour"])
+    assert 0 <= body["confidence"] <= 1 and body["latency_ms"] > 0
+    overlay = png_array(body["overlay_png"])
+    assert overlay.shape == (64, 64, 3)
+
+
+def test_png_and_overlay_formats(client, scan):
+    as_json = post(client, scan).json()
+    mask = post(client, scan, format="png")
+    assert mask.status_code == 200 and mask.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(png_array(mask.content), png_array(as_json["mask_png"]))
+    overlay = post(client, scan, format="overlay")
+    assert overlay.headers["content-type"] == "image/png"
+    assert png_array(overlay.content).shape == (64, 64, 3)
+
+
+def test_threshold_moves_the_area(client, scan):
+    low = post(client, scan, threshold=0.01).json()["area_px"]
+    high = post(client, scan, threshold=0.99).json()["area_px"]
+    assert low >= high
+    assert post(client, scan, threshold=0.01).json()["threshold"] == 0.01
+
+
+def test_page_and_static_files_are_served_without_cdn(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'type="file"' in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200
+    for text in (page.text, client.get("/static/app.js").text, client.get("/static/style.css").text):
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+
+
+def test_openapi_documents_the_versioned_api(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/segment", "/v1/model", "/healthz", "/readyz"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["required"] == ["file"]
+    assert {"413", "415", "422", "401"} <= set(spec["paths"]["/v1/segment"]["post"]["responses"])
+    assert client.get("/docs").status_code == 404  # Swagger UI would load from a CDN
+
+
+# --- limits --------------------------------------------------------------------------------------------------
+
+
+def test_oversized_upload_is_413_whatever_the_headers_say(predictor, scan):
+    small = make_client(predictor, max_upload_bytes=1000)
+    try:
+        assert_error(post(small, scan), 413, "file_too_large")
+
+        def chunks():  # no Content-Length: the limit must hold while streaming
+            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+            for _ in range(200):
+                yield b"\0" * 1024
+
+        r = small.post("/v1/segment", content=chunks(),
+                       headers={"content-type": "multipart/form-data; boundary=b"})
+        assert_error(r, 413, "file_too_large")
+    finally:
+        small.__exit__(None, None, None)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's calling card."""
+    data = encode(np.zeros((1, 1), np.uint8))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def test_pixel_bombs_are_refused_from_the_header(client, predictor, scan):
+    assert_error(post(client, _png_claiming(100_000, 100_000)), 413, "image_too_large")
+    tiny_limit = make_client(predictor, max_pixels=1000)
+    try:
+        assert_error(post(tiny_limit, scan), 413, "image_too_large")  # 64 x 64 > 1000
+    finally:
+        tiny_limit.__exit__(None, None, None)
+
+
+def test_type_is_judged_by_content_not_name(client, scan):
+    assert_error(post(client, b"Patient: Jane Doe\nnot an image\n", name="scan.png"), 415, "unsupported_type")
+    gif = encode(np.zeros((8, 8), np.uint8), "GIF")
+    assert_error(post(client, gif, name="scan.png"), 415, "unsupported_type")
+    assert post(client, scan, name="notes.txt", ctype="text/plain").status_code == 200
+
+
+def test_corrupt_truncated_and_empty_files_are_422(client, scan):
+    assert_error(post(client, scan[: len(scan) // 2]), 422, "corrupt_image")
+    assert_error(post(client, scan[:40]), 422, "corrupt_image")
+    assert_error(post(client, b""), 422, "empty_file")
+    nan = encode(np.full((8, 8), np.nan, np.float32), "TIFF")
+    assert_error(post(client, nan, name="x.tif"), 422, "corrupt_image")
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "CMYK"), ("TIFF", "CMYK"), ("PNG", "P"), ("PNG", "LA"),
+                                      ("PNG", "I;16"), ("BMP", "1"), ("TIFF", "RGBA"), ("JPEG", "RGB")])
+def test_odd_modes_are_converted_to_gray(client, fmt, mode):
+    gray = np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1))
+    r = post(client, encode(gray, fmt, mode))
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["format"] == fmt and r.json()["image"]["width"] == 40
+
+
+def test_unconvertible_mode_is_422(client):
+    lab = Image.new("LAB", (8, 8))
+    buf = io.BytesIO()
+    lab.save(buf, format="TIFF")
+    assert_error(post(client, buf.getvalue(), name="x.tif"), 422, "unsupported_mode")
+
+
+def test_missing_file_and_bad_bodies_are_422(client, scan):
+    assert_error(client.post("/v1/segment"), 422, "missing_file")
+    assert_error(client.post("/v1/segment", json={"file": "x"}), 422, "missing_file")
+    assert_error(client.post("/v1/segment", files={"scan": ("a.png", scan, "image/png")}), 422, "missing_file")
+    assert_error(client.post("/v1/segment", data={"file": "not a file"}), 422, "missing_file")
+    r = client.post("/v1/segment", content=b"garbage", headers={"content-type": "multipart/form-data"})
+    assert_error(r, 422, "bad_multipart")
+    two = [("file", ("a.png", scan, "image/png")), ("file", ("b.png", scan, "image/png"))]
+    assert_error(client.post("/v1/segment", files=two), 422, "bad_multipart")
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.5", "1.5", "abc", "nan", "inf", ""])
+def test_bad_threshold_is_422(client, scan, value):
+    assert_error(post(client, scan, threshold=value), 422, "invalid_parameter")
+
+
+def test_bad_format_and_unknown_routes(client, scan):
+    assert_error(post(client, scan, format="gif"), 422, "invalid_parameter")
+    assert_error(client.get("/v2/segment"), 404, "not_found")
+    assert_error(client.get("/v1/segment"), 405, "method_not_allowed")
+
+
+def test_busy_service_says_503(client, scan):
+    service = client.app.state.service
+    service.pending = service.settings.max_pending
+    try:
+        r = post(client, scan)
+        assert_error(r, 503, "busy")
+        assert r.headers["retry-after"] == "1"
+    finally:
+        service.pending = 0
+
+
+# --- auth ----------------------------------------------------------------------------------------------------
+
+
+def test_api_key_guards_v1_only(predictor, scan):
+    c = make_client(predictor, api_key="s3cret")
+    try:
+        assert_error(c.get("/v1/model"), 401, "unauthorized")
+        assert_error(c.get("/v1/model", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+        assert_error(c.get("/v1/model", headers={"Authorization": "Basic s3cret"}), 401, "unauthorized")
+        assert_error(post(c, scan), 401, "unauthorized")
+        assert c.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        r = c.post("/v1/segment", files={"file": ("a.png", scan, "image/png")}, headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 200
+        for path in ("/healthz", "/readyz", "/", "/static/app.js"):
+            assert c.get(path).status_code == 200, path
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="threshold"):
+        Settings(threshold=1.0)
+    with pytest.raises(ValueError, match="api-key"):
+        Settings(api_key=" ")
+    with pytest.raises(ValueError, match="workers"):
+        Settings(workers=0)
+
+
+# --- privacy and request ids ---------------------------------------------------------------------------------
+
+
+def test_uploads_never_touch_the_disk(client, monkeypatch):
+    """A > 1 MB upload (Starlette's usual spool limit) with every way to a file blocked."""
+    big = encode(np.random.default_rng(0).integers(0, 256, (1100, 1100), dtype=np.uint8))
+    assert len(big) > 1024 * 1024
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the service tried to write a file")
+
+    real_open = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            refuse()
+        return real_open(file, mode, *args, **kwargs)
+
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", refuse)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    r = post(client, big, format="png")
+    assert r.status_code == 200, r.text
+
+
+def test_keep_uploads_stores_by_request_id_only(predictor, scan, tmp_path):
+    c = make_client(predictor, keep_uploads=tmp_path / "kept")
+    try:
+        r = post(c, scan, name="Jane_Doe_1970.png")
+        bad = post(c, b"not an image", name="Jane_Doe_1970.png")
+    finally:
+        c.__exit__(None, None, None)
+    kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
+    assert kept == sorted([f"{r.json()['request_id']}.png", f"{bad.headers['x-request-id']}.bin"])
+    assert (tmp_path / "kept" / f"{r.json()['request_id']}.png").read_bytes() == scan
+
+
+def test_logs_carry_request_id_and_sizes_but_no_names(client, scan, caplog):
+    with caplog.at_level(logging.INFO, logger="hemaseg.serve"):
+        r = post(client, scan, name="Jane_Doe_1970.png")
+    text = caplog.text
+    assert r.json()["request_id"] in text and f"bytes={len(scan)}" in text and "image=64x64" in text
+    assert "Jane_Doe" not in text
+
+
+def test_request_id_is_echoed_when_sane(client):
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    odd = client.get("/healthz", headers={"X-Request-ID": "bad id; drop table"}).headers["x-request-id"]
+    assert odd != "bad id; drop table" and len(odd) == 32
+
+
+# --- batching worker -----------------------------------------------------------------------------------------
+
+
+def test_batching_worker_gives_the_same_masks(predictor, scan, tiny_data):
+    images = [read_image(p) for p in sorted((tiny_data / "images").glob("*.png"))[:6]]
+    expected = predictor.predict_proba_batch(images)
+    c = make_client(predictor, max_batch=4, workers=4)
+    try:
+        service = c.app.state.service
+        results: dict[int, np.ndarray] = {}
+
+        def run(i):
+            results[i] = service.probabilities(images[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(images))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, e in enumerate(expected):
+            np.testing.assert_allclose(results[i], e, atol=1e-5)
+        assert post(c, scan).status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+
+
+def test_serve_command_wires_flags_and_the_key_from_the_environment(tiny_run, scan, monkeypatch):
+    import uvicorn
+
+    from hemaseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setenv("HEMASEG_API_KEY", "from-env")
+    assert main(["-q", "serve", str(tiny_run), "--port", "8123", "--max-upload-mb", "0.001", "--device", "cpu",
+                 "--threshold", "0.3"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    with TestClient(seen["app"]) as c:
+        assert_error(c.get("/v1/model"), 401, "unauthorized")
+        model = c.get("/v1/model", headers={"X-API-Key": "from-env"}).json()
+        assert model["threshold"] == 0.3
+        r = c.post("/v1/segment", files={"file": ("a.png", scan, "image/png")}, headers={"X-API-Key": "from-env"})
+        assert_error(r, 413, "file_too_large")  # 0.001 MiB
+
+
+def test_serve_command_refuses_bad_flags(tiny_run, capsys):
+    from hemaseg.cli import main
+
+    assert main(["serve", str(tiny_run), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err

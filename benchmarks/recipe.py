@@ -16,7 +16,7 @@ import json
 import logging
 import time
 
-from common import CREDITS, RUNS, hardware, require_data, table, write_result
+from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import DataConfig, RunConfig, TrainConfig
 from hemaseg.cv import make_folds
@@ -32,6 +32,7 @@ NO_AUG = {k: 0.0 for k in ("hflip", "vflip", "affine_p", "gamma_p", "contrast_p"
 VARIANTS: dict[str, dict] = {
     "default": {},
     "seed2": {"train": {"seed": 2}},  # the same recipe, another seed: the noise floor
+    "batch8-lr3e-3": {"train": {"batch_size": 8, "lr": 3e-3}},  # the default before this ablation
     "lr1e-2": {"train": {"lr": 1e-2}},
     "lr1e-3": {"train": {"lr": 1e-3}},
     "batch4": {"train": {"batch_size": 4}},
@@ -69,7 +70,8 @@ def main(argv=None) -> None:
     root = RUNS / f"recipe_{args.dataset}"
     root.mkdir(parents=True, exist_ok=True)
     fold = make_folds(RunConfig(data=DataConfig(root=str(data))), root, 5, seed=0)[0]
-    results = {}
+    previous = RESULTS / f"recipe_{args.dataset}.json"
+    results = json.loads(previous.read_text())["variants"] if previous.is_file() else {}  # variants add up
     for name in args.variants.split(","):
         cfg = build_config(str(data), plan, VARIANTS[name], args.budget_minutes)
         out = root / name
@@ -86,17 +88,21 @@ def main(argv=None) -> None:
             key = "tta" if tta else "plain"
             row[f"dice_{key}"], row[f"dice_lesion_{key}"] = s["dice_mean"], s["dice_mean_lesion"]
             row[f"fp_images_{key}"] = s["n_false_positive_images"]
-        results[name] = {"overrides": VARIANTS[name], "config": dataclasses.asdict(cfg), **row}
+        results[name] = {"overrides": VARIANTS[name], "budget_minutes": args.budget_minutes,
+                         "threads": __import__("torch").get_num_threads(), "config": dataclasses.asdict(cfg), **row}
         print(f"{name}: {row}", flush=True)
 
-    headers = ["variant", "epochs", "train s", "Dice", "Dice lesion imgs", "Dice +TTA", "Dice lesion +TTA", "FP imgs"]
-    rows = [[n, r["epochs"], r["train_s"], r["dice_plain"], r["dice_lesion_plain"], r["dice_tta"],
+    if previous.is_file():  # another process may have added variants meanwhile: keep them
+        results = {**json.loads(previous.read_text())["variants"], **results}
+    headers = ["variant", "min", "epochs", "train s", "Dice", "Dice lesion imgs", "Dice +TTA", "Dice lesion +TTA", "FP imgs"]
+    rows = [[n, r.get("budget_minutes"), r["epochs"], r["train_s"], r["dice_plain"], r["dice_lesion_plain"], r["dice_tta"],
              r["dice_lesion_tta"], r["fp_images_tta"]] for n, r in results.items()]
-    print(f"\n{args.dataset}, fold 0 of 5 (group-aware), {args.budget_minutes} min per variant on "
+    print(f"\n{args.dataset}, fold 0 of 5 (group-aware), budget per variant in the 'min' column, on "
           f"{hardware()['cpu']} ({hardware()['cores']} cores)")
     print(table(headers, rows))
     print(f"data credit: {CREDITS[args.dataset]}")
     path = write_result(f"recipe_{args.dataset}", {
+        "command": "python benchmarks/recipe.py " + " ".join(argv or __import__("sys").argv[1:]),
         "dataset": args.dataset, "credit": CREDITS[args.dataset], "budget_minutes": args.budget_minutes,
         "hardware": hardware(), "variants": results, "table": {"headers": headers, "rows": rows}})
     print(f"written {path}")

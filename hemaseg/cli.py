@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=300, help="training + validation scans (default 300)")
     p.add_argument("--n-test", type=int, default=60, help="held-out test scans (default 60)")
     p.add_argument("--size", type=int, default=128, help="scan and training size (default 128)")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    p.add_argument("--budget-minutes", type=float, default=3.0,
+                   help="training wall time; epochs are fitted to it (default 3)")
+    p.add_argument("--epochs", type=int, help="train exactly this many epochs instead of a time budget")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
 
     p = sub.add_parser("serve", help="serve a model over HTTP, with a web page for people",
@@ -376,7 +378,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     paths = run_demo(args.out, n=args.n, n_test=args.n_test, size=args.size, epochs=args.epochs, seed=args.seed,
-                     progress=not args.quiet)
+                     budget_minutes=None if args.epochs else args.budget_minutes, progress=not args.quiet)
     print("demo finished; everything is under", args.out)
     for what, path in paths.items():
         print(f"  {what:<12} {path}")

@@ -14,14 +14,15 @@ from .synth import write_synthetic_dataset
 from .train import fit
 
 
-def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, epochs: int = 12, seed: int = 0,
-             progress: bool = True) -> dict[str, Path]:
+def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, epochs: int | None = None,
+             seed: int = 0, budget_minutes: float | None = 3.0, progress: bool = True) -> dict[str, Path]:
     """Synthesize -> train -> evaluate on held-out scans -> predict -> report. Returns the paths written."""
     out = Path(out)
     t0 = time.perf_counter()
     data = write_synthetic_dataset(out / "data", n, size=size, seed=seed, progress=progress)
     test = write_synthetic_dataset(out / "test", n_test, size=size, seed=seed + 10_000, progress=progress)
-    cfg = RunConfig(data=DataConfig(root=str(data), size=size), train=TrainConfig(epochs=epochs, seed=seed))
+    cfg = RunConfig(data=DataConfig(root=str(data), size=size),
+                    train=TrainConfig(epochs=epochs or 1, seed=seed, budget_minutes=budget_minutes))
     run = out / "run"
     train_summary = fit(cfg, run, progress=progress)
     predictor = load_model(run)

@@ -56,16 +56,20 @@ def to_gray_unit(image: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def forward_probs(models: torch.nn.Module | Backend | Sequence[torch.nn.Module | Backend],
-                  batch: np.ndarray | torch.Tensor, device: torch.device, tta: bool = False) -> torch.Tensor:
+                  batch: np.ndarray | torch.Tensor, device: torch.device,
+                  tta: bool | Sequence[tuple[int, ...]] = False) -> torch.Tensor:
     """(N, S, S) normalised inputs -> (N, S, S) probabilities on the CPU.
 
-    Several models (a cross-validation ensemble) and, with `tta`, horizontal and vertical flips
-    are averaged in probability space. A model is a network (run eager, bf16 autocast on CUDA) or
-    a `backends.make_backend` callable.
+    Several models (a cross-validation ensemble) and, with `tta`, flipped copies are averaged in
+    probability space. `tta=True` means horizontal and vertical flips; a list of flip dims (e.g.
+    `[(-1,)]`) chooses them. A model is a network (run eager, bf16 autocast on CUDA) or a
+    `backends.make_backend` callable.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     x = torch.as_tensor(batch, dtype=torch.float32)[:, None].to(device)
-    flips = [(), (-1,), (-2,)] if tta else [()]
+    if tta is True:
+        tta = [(-1,), (-2,)]
+    flips = [(), *tta] if tta else [()]
     total = torch.zeros(x.shape, dtype=torch.float32, device=device)
     for model in models:
         for dims in flips:
@@ -164,6 +168,13 @@ class Predictor:
         return predictor
 
     @property
+    def tta_flips(self) -> list[tuple[int, ...]]:
+        """Only the flips the model saw in training: a vertical flip turns an ultrasound scan's depth
+        upside down, which a model trained without it has never seen (it ruins the average)."""
+        aug = self.config.augment
+        return [dims for dims, p in (((-1,), aug.hflip), ((-2,), aug.vflip)) if p > 0] or [(-1,)]
+
+    @property
     def size(self) -> int:
         return self.config.data.size
 
@@ -175,7 +186,8 @@ class Predictor:
         out = []
         for start in range(0, len(images), batch_size):
             prepared = [self._prepare(im) for im in images[start:start + batch_size]]
-            probs = forward_probs(self.runners, np.stack([p for p, _ in prepared]), self.device, self.tta)
+            probs = forward_probs(self.runners, np.stack([p for p, _ in prepared]), self.device,
+                                  self.tta_flips if self.tta else False)
             out.extend(unletterbox(p, box) for p, (_, box) in zip(probs, prepared))
         return out
 

@@ -4,10 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hemaseg.config import DataConfig, RunConfig, TrainConfig
 from hemaseg.synth import write_synthetic_dataset
+
+# The test tensors are tiny: splitting each op across cores costs more in OpenMP fork/join than it
+# saves, and on a busy 2-core machine oversubscribed threads slow the suite several-fold.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

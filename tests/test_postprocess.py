@@ -93,3 +93,14 @@ def test_ensemble_averages_probabilities():
     predictor = Predictor([Const(2.0), Const(-1.0)], RunConfig(), device="cpu")
     prob = predictor.predict(np.zeros((20, 30), np.uint8)).prob
     assert prob.shape == (20, 30) and np.allclose(prob, expected.item(), atol=1e-6)
+
+
+def test_tta_uses_only_the_flips_seen_in_training():
+    import dataclasses
+
+    from hemaseg.transforms import AugmentConfig
+
+    default = Predictor(torch.nn.Identity(), RunConfig(), device="cpu", tta=True)
+    assert default.tta_flips == [(-1,)]  # ultrasound: no vertical flip unless trained with one
+    both = RunConfig(augment=dataclasses.replace(AugmentConfig(), vflip=0.5))
+    assert Predictor(torch.nn.Identity(), both, device="cpu", tta=True).tta_flips == [(-1,), (-2,)]

@@ -85,3 +85,26 @@ def test_groups_from_the_manifest_never_span_train_and_val(tiny_data, tmp_path):
     split = load_split(tmp_path / "run" / "splits.json")
     train_groups = {groups[n] for n in split["train"]}
     assert train_groups.isdisjoint(groups[n] for n in split["val"])
+
+
+def test_precision_is_validated_and_bf16_trains_where_native(tiny_data, tmp_path):
+    from hemaseg.backends import bf16_supported
+    from hemaseg.config import TrainConfig
+
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    summary = fit(tiny_config(tiny_data, epochs=1, precision="bf16"), tmp_path / "bf16", progress=False)
+    assert summary["epochs"] == 1 and summary["n_train"] > 0
+
+
+def test_single_threaded_batches_match_the_loader_and_restore_threads():
+    from torch.utils.data import DataLoader
+
+    from hemaseg.train import single_threaded_batches
+
+    loader = DataLoader(torch.arange(10.0), batch_size=4)
+    threads = torch.get_num_threads()
+    assert [b.tolist() for b in single_threaded_batches(loader)] == [b.tolist() for b in loader]
+    assert torch.get_num_threads() == threads

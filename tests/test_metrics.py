@@ -43,7 +43,6 @@ def test_summary_means_follow_the_rule():
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from hemaseg.metrics import (  # noqa: E402
     METRIC_KEYS,
@@ -58,15 +57,6 @@ from hemaseg.metrics import (  # noqa: E402
     specificity,
     summarize_metrics,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # MONAI's metrics run many tiny torch ops; on a busy shared CPU, thread hand-offs cost 50x the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _squares():

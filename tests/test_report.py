@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -13,15 +12,6 @@ from hemaseg.metrics import per_image_metrics, summarize_metrics
 from hemaseg.report import case_overlay, overlay_contours, write_run_report
 
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # MONAI's metrics run many tiny torch ops; on a busy shared CPU, thread hand-offs cost 50x the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:

@@ -33,7 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# as the hemaseg CLI does (cli.main): idle OpenMP threads sleep, so a busy shared CPU does not collapse
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # after the OpenMP setting, which is read when torch loads
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +311,8 @@ def main() -> None:
     t0 = time.perf_counter()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "ort_threads": cpu_threads(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-               "hemaseg": __version__, "load_before": round(os.getloadavg()[0], 2)}
+               "hemaseg": __version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "load_before": round(os.getloadavg()[0], 2)}
     try:
         with open("/proc/cpuinfo") as f:
             machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

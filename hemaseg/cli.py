@@ -414,6 +414,10 @@ COMMANDS = {"synth": cmd_synth, "check": cmd_check, "train": cmd_train, "evaluat
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before any command imports torch: idle OpenMP threads sleep instead of spinning. On a shared CPU the
+    # spinning threads of two busy processes starve each other (10-50x slower inference and training,
+    # benchmarks/speed.py); on an idle CPU sleeping costs nothing measurable. An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from .data import DataError
 

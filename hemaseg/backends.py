@@ -10,8 +10,9 @@ torch-fast   eval copy with conv+BN folded, channels_last memory layout, fp32: s
 torch-bf16   torch-fast under bf16 autocast; needs native bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs)
 onnxruntime  the network exported to ONNX (in memory) and run by ONNX Runtime on the CPU
 
-torch.compile was measured and left out: on 2 CPU cores it did not beat torch-fast and costs ~1 min
-of compilation per input shape (benchmarks/speed.py notes).
+torch.compile was measured and left out: on 2 cores (batch 1, 256 px) it ran 1.3x faster than torch-fast
+and 1.15x faster than torch-bf16, but compiling took 11-18 s per input shape (a new batch size or image
+size compiles again), which a `hemaseg predict` run over a folder only earns back after thousands of scans.
 """
 
 from __future__ import annotations

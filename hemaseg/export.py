@@ -8,6 +8,7 @@ back is written into the model's metadata_props, so no hemaseg code or config fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import io
@@ -122,12 +123,11 @@ def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int
     metadata = onnx_metadata(predictor)
     data = onnx_bytes(predictor.model, opset, metadata)
 
-    model = predictor.model.cpu().eval()
+    model = copy.deepcopy(predictor.model).cpu().float().eval()  # the reference: eager fp32, unfolded
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, predictor.size, predictor.size),
                                                                     dtype=np.float32))
     with torch.inference_mode():
-        expected = model(x).float()
-    predictor.model.to(predictor.device)
+        expected = model(x)
     got = OnnxRuntimeBackend(data)(x)
     diff = float((got - expected).abs().max())
     if not diff <= atol:

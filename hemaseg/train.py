@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
-from .backends import bf16_supported
+from .backends import bf16_supported, make_backend
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import (
@@ -143,9 +143,11 @@ def validate(model: torch.nn.Module, cached: CachedSet, device: torch.device, th
              batch_size: int = 8) -> np.ndarray:
     """Per-image Dice on whole validation images at their original size (NaN where both empty)."""
     model.eval()
+    # on the CPU an eval copy with BN folded, channels_last, runs ~2x faster with the same fp32 numbers
+    runner = make_backend(model, "torch-fast", device) if device.type == "cpu" else model
     scores = []
     for start in range(0, len(cached.names), batch_size):
-        probs = forward_probs(model, cached.images[start:start + batch_size], device)
+        probs = forward_probs(runner, cached.images[start:start + batch_size], device)
         for j, p in enumerate(probs):
             k = start + j
             pred = unletterbox(p, cached.boxes[k]) >= threshold
@@ -210,7 +212,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     model = build_model(cfg.model).to(device)
-    channels_last = device.type == "cpu"  # oneDNN's fast layout: fwd+bwd measured faster (benchmarks/speed.py)
+    amp = use_bf16(tc.precision, tc.amp, device)
+    # measured on a 2-core AVX-512/AMX CPU: fp32 steps run ~1.2-1.4x faster in channels_last, bf16 steps
+    # ~1.3x faster in the default NCHW layout
+    channels_last = device.type == "cpu" and not amp
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -221,7 +226,6 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     plan = {"epochs": tc.epochs}  # mutable: a time budget rewrites it after the first epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, plan["epochs"] * steps_per_epoch))
-    amp = use_bf16(tc.precision, tc.amp, device)
 
     start_epoch, best_dice, history, elapsed_before = 1, -1.0, [], 0.0
     if resume:

@@ -64,15 +64,24 @@ def trained_like_seed_model() -> torch.nn.Module:
     return model
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def backend_names() -> list[str]:
     from hemaseg.backends import bf16_supported
 
-    names = ["torch", "torch-fast", "onnxruntime"]
-    return names + (["torch-bf16"] if bf16_supported(torch.device("cpu")) else [])
+    names = ["torch", "torch-fast"] + (["onnxruntime"] if DEVICE.type == "cpu" else [])  # ORT runs on the CPU
+    return names + (["torch-bf16"] if bf16_supported(DEVICE) else [])
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process in MB. VmHWM, because getrusage's ru_maxrss survives fork + exec on
+    Linux, so a child started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # --- (a) inference -------------------------------------------------------------------------------------
@@ -85,9 +94,9 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> dict:
     from hemaseg.config import DataConfig, RunConfig
     from hemaseg.predict import Predictor
 
-    ref = load_reference()().eval()
+    ref = load_reference()().eval().to(DEVICE)
     model = trained_like_seed_model()
-    x = torch.randn(batch, 1, size, size)
+    x = torch.randn(batch, 1, size, size, device=DEVICE)
     rng = np.random.default_rng(0)
     # raw scans of another aspect ratio, so the predict path really resizes, pads and maps back
     scans = [rng.integers(0, 255, (size * 3 // 4, size), dtype=np.uint8) for _ in range(batch)]
@@ -96,17 +105,20 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> dict:
     def no_grad(fn):
         def run():
             with torch.inference_mode():
-                return fn(x)
+                out = fn(x)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()  # time the work, not the kernel launches
+            return out
         return run
 
     if only == "reference":
         return {"reference (eager)": no_grad(ref)}
     if only:
-        return {f"{only} network": no_grad(make_backend(model, only, "cpu"))}
+        return {f"{only} network": no_grad(make_backend(model, only, DEVICE))}
     runners = {"reference (eager)": no_grad(ref)}
     for name in backend_names():
-        runners[f"{name} network"] = no_grad(make_backend(model, name, "cpu"))
-        predictor = Predictor(model, config, device="cpu", backend=name)
+        runners[f"{name} network"] = no_grad(make_backend(model, name, DEVICE))
+        predictor = Predictor(model, config, device=DEVICE, backend=name)
         runners[f"{name} predict path"] = lambda p=predictor: p.predict_proba_batch(scans, batch_size=batch)
     return runners
 
@@ -114,7 +126,6 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> dict:
 def time_interleaved(runners: dict, rounds: int, reps: int) -> dict[str, float]:
     """Median seconds per call: every round runs each variant `reps` times, variants taking turns."""
     for fn in runners.values():  # warm-up: oneDNN primitive creation, ORT arena
-        fn()
         fn()
     samples: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
@@ -146,7 +157,8 @@ def bench_inference(sizes, batches, rounds, reps, peak) -> list[dict]:
 # --- (b) training --------------------------------------------------------------------------------------
 
 
-def original_style_epochs(data: Path, epochs: int, batch: int, crop: int, seed: int = 0) -> list[float]:
+def original_style_epochs(data: Path, epochs: int, batch: int, crop: int, seed: int = 0,
+                          workers: int = 0) -> list[float]:
     """The write-up's loop: PNGs decoded with PIL every step, a random crop per sample, eager fp32
     SeedUnet (sigmoid) + BCE, Adam. Returns seconds per epoch."""
     from PIL import Image
@@ -168,47 +180,52 @@ def original_style_epochs(data: Path, epochs: int, batch: int, crop: int, seed: 
             return torch.from_numpy(image[window].copy())[None], torch.from_numpy(mask[window] > 127).float()[None]
 
     torch.manual_seed(seed)
-    model = load_reference()().train()
+    model = load_reference()().train().to(DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.BCELoss()
-    loader = DataLoader(PngCrops(data), batch_size=batch, shuffle=True, drop_last=True)
+    loader = DataLoader(PngCrops(data), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
     out = []
     for _ in range(epochs):
         t = time.perf_counter()
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x.to(DEVICE)), y.to(DEVICE))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - t)
     return out
 
 
-def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, precision: str) -> tuple[list[float], int]:
+def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, precision: str,
+                   workers: int = 0) -> tuple[list[float], int]:
     """hemaseg's fit() (cached letterboxed scans, MONAI augmentation, validation and checkpoints
     included). Returns (seconds per epoch, training images per epoch)."""
     from hemaseg.config import DataConfig, RunConfig, TrainConfig
     from hemaseg.train import fit
 
     cfg = RunConfig(data=DataConfig(root=str(data), size=size, val_fraction=0.1),
-                    train=TrainConfig(epochs=epochs, batch_size=batch, device="cpu", precision=precision))
+                    train=TrainConfig(epochs=epochs, batch_size=batch, device=str(DEVICE), precision=precision,
+                                      num_workers=workers))
     summary = fit(cfg, out, progress=False)
     rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
     seconds = [float(r.split(",")[4]) for r in rows]
     return seconds, (summary["n_train"] // batch) * batch
 
 
-def bench_training(n_scans, epochs, rounds, batch, peak, workdir: Path) -> tuple[list[dict], dict]:
+def bench_training(n_scans, epochs, rounds, batch, peak, workdir: Path, workers: int = 0) -> tuple[list[dict], dict]:
     from hemaseg.backends import bf16_supported
     from hemaseg.synth import write_synthetic_dataset
 
     data = write_synthetic_dataset(workdir / "data", n_scans, size=320, seed=0, progress=False)
     n_orig = (n_scans // batch) * batch
-    variants = {"original-style loop (fp32)": lambda r: (original_style_epochs(data, epochs, batch, 256), n_orig)}
-    precisions = ["fp32"] + (["bf16"] if bf16_supported(torch.device("cpu")) else [])
+    variants = {"original-style loop (fp32)": lambda r: (original_style_epochs(data, epochs, batch, 256,
+                                                                                workers=workers), n_orig)}
+    precisions = ["fp32"] + (["bf16"] if bf16_supported(DEVICE) else [])
     for p in precisions:
         variants[f"hemaseg fit ({p})"] = lambda r, p=p: hemaseg_epochs(data, workdir / f"run_{p}_{r}", epochs,
-                                                                        batch, 256, p)
+                                                                        batch, 256, p, workers)
     per_round: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds):
         for name, fn in variants.items():
@@ -223,7 +240,7 @@ def bench_training(n_scans, epochs, rounds, batch, peak, workdir: Path) -> tuple
                      "pct_fp32_peak": round(100 * TRAIN_GFLOP_256 * ips / peak, 1),
                      "per_round": [round(v, 2) for v in values]})
     return rows, {"data": str(data), "n_scans": n_scans, "scan_size": 320, "train_size": 256, "batch": batch,
-                  "epochs_per_round": epochs}
+                  "epochs_per_round": epochs, "loader_workers": workers}
 
 
 # --- (c) peak memory, each variant in a fresh process ------------------------------------------------
@@ -269,7 +286,7 @@ def bench_memory(data: Path) -> list[dict]:
 
 def format_table(result: dict) -> str:
     m = result["machine"]
-    lines = [(f"# hemaseg speed  ({m['cpu']}, {m['threads']} threads, load avg {m['load_before']} -> "
+    lines = [(f"# hemaseg speed  ({m.get('device', 'cpu')}; {m['cpu']}, {m['threads']} threads, load avg {m['load_before']} -> "
               f"{m['load_after']}; shared CPU: medians of interleaved rounds)"), "",
              "## inference (ms per image; speedup vs the reference network at the same size/batch)",
              f"{'size':>5} {'batch':>5}  {'variant':<26} {'ms/img':>8} {'img/s':>7} {'x ref':>6} {'% peak':>7}"]
@@ -295,6 +312,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 px only, batch 1 and 8, fewer repeats")
     parser.add_argument("--skip-training", action="store_true", help="inference only")
     parser.add_argument("--peak-gflops", type=float, default=166.0, help="FP32 peak of the cores used")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on CUDA, no ONNX Runtime "
+                                                        "and no memory probe")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers of both training loops")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"), help="JSON output")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -302,6 +322,8 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args.data)
         return
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     import onnxruntime
 
@@ -310,6 +332,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
                "ort_threads": cpu_threads(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                "hemaseg": __version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "load_before": round(os.getloadavg()[0], 2)}
@@ -319,18 +342,19 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     sizes, batches = ((256,), (1, 8)) if args.quick else ((256, 512), (1, 8, 16))
-    rounds, reps = (3, 3) if args.quick else (5, 3)
+    rounds, reps = (3, 2) if args.quick else (3, 2)
     print("inference ...", flush=True)
     result = {"machine": machine, "peak_gflops": args.peak_gflops,
               "inference": bench_inference(sizes, batches, rounds, reps, args.peak_gflops)}
     if not args.skip_training:
         print("training ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            n_scans, epochs, train_rounds = (40, 3, 2) if args.quick else (72, 3, 3)
+            n_scans, epochs, train_rounds = (40, 3, 2) if args.quick else (80, 3, 2)
             result["training"], result["training_setup"] = bench_training(
-                n_scans, epochs, train_rounds, 8, args.peak_gflops, Path(tmp))
-            print("memory ...", flush=True)
-            result["memory"] = bench_memory(Path(result["training_setup"]["data"]))
+                n_scans, epochs, train_rounds, 8, args.peak_gflops, Path(tmp), args.workers)
+            if DEVICE.type == "cpu":
+                print("memory ...", flush=True)
+                result["memory"] = bench_memory(Path(result["training_setup"]["data"]))
     machine["load_after"] = round(os.getloadavg()[0], 2)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print()

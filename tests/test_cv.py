@@ -45,3 +45,35 @@ def test_review_threshold_flags_low_confidence_low_dice_cases():
     dice = np.array([0.9, 0.8, 0.85, 0.1, 0.2, 0.92])
     r = choose_review_threshold(conf, dice)
     assert r["threshold"] == 0.3 and r["spearman_r"] > 0.8
+
+
+def test_parallel_folds_train_the_same_models_as_sequential_ones(tiny_data, tmp_path):
+    import torch
+
+    from hemaseg.checkpoint import load_checkpoint
+    from hemaseg.cv import make_folds, train_folds
+
+    cfg = tiny_config(tiny_data, epochs=1)
+    for name, jobs in (("seq", 1), ("par", 2)):
+        (tmp_path / name).mkdir()
+        train_folds(cfg, tmp_path / name, make_folds(cfg, tmp_path / name, 2, seed=0), progress=False, jobs=jobs)
+    for k in range(2):
+        seq = load_checkpoint(tmp_path / "seq" / f"fold_{k}" / "last.pt")["model"]
+        par = load_checkpoint(tmp_path / "par" / f"fold_{k}" / "last.pt")["model"]
+        assert seq.keys() == par.keys()
+        for key in seq:
+            torch.testing.assert_close(par[key], seq[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_failing_parallel_fold_is_reported_by_number(tiny_data, tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from hemaseg.cv import make_folds, train_folds
+
+    cfg = tiny_config(tiny_data, epochs=1)
+    split = make_folds(cfg, tmp_path, 2, seed=0)
+    broken = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(tmp_path / "missing")))
+    with pytest.raises(RuntimeError, match=r"fold\(s\) 0, 1 failed"):
+        train_folds(broken, tmp_path, split, progress=False, jobs=2)

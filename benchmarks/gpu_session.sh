@@ -4,8 +4,9 @@
 #   python benchmarks/pack_data.py ../shared/data/busi .pack/busi --max-side 384
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1
 # and carry .pack and .whl. Stages run on even when one fails; small results land in $OUT.
-#   1. busi 5-fold group-aware CV, preset large, BUDGET minutes per fold, JOBS folds at once
-#   2. benchmarks/speed.py on CUDA (quick)
+#   cv:    busi 5-fold group-aware CV, preset large, BUDGET minutes per fold, JOBS folds at once
+#   speed: benchmarks/speed.py on CUDA (quick); needs seed_unet.py in .pack/reference
+# STAGES picks and orders them (default "cv speed").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 OUT=${OUT:-/tmp/hemaseg-gpu-out}
@@ -26,13 +27,22 @@ PY=${PY:-python3}
 torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', 'cpus', os.cpu_count())"
 } 2>&1 | tee "$OUT/machine.txt"
 
+speed() {
+start=$(date +%s)
+HEMASEG_REFERENCE_DIR=${HEMASEG_REFERENCE_DIR:-.pack/reference} \
+$PY benchmarks/speed.py --device cuda --quick --workers 4 --peak-gflops 67000 --out "$OUT/speed_cuda.json" \
+    2>&1 | tee "$OUT/speed_cuda.log"
+echo "speed wall $(( $(date +%s) - start )) s" | tee -a "$OUT/speed_cuda.log"
+}
+
+cv() {
 start=$(date +%s)
 $PY -m hemaseg.cli cv "$DATA" --out "$RUNS/cv_$PRESET" --preset "$PRESET" --budget-minutes "$BUDGET" \
     --jobs "$JOBS" --num-workers "$WORKERS" 2>&1 | tr '\r' '\n' | grep -v '%|' | tee "$OUT/cv_$PRESET.log"
 echo "cv wall $(( $(date +%s) - start )) s" | tee -a "$OUT/cv_$PRESET.log"
-tar czf "$OUT/cv_$PRESET.tgz" --exclude='*.pt' -C "$RUNS" "cv_$PRESET"
+# the numbers only (the HTML report with its inline images can outgrow what comes back)
+(cd "$RUNS" && tar czf "$OUT/cv_$PRESET.tgz" "cv_$PRESET"/*.json "cv_$PRESET"/oof/*.json "cv_$PRESET"/oof/per_image.csv "cv_$PRESET"/fold_*/*.json \
+    "cv_$PRESET"/fold_*/metrics.csv)
+}
 
-start=$(date +%s)
-$PY benchmarks/speed.py --device cuda --quick --workers 4 --peak-gflops 67000 --out "$OUT/speed_cuda.json" \
-    2>&1 | tee "$OUT/speed_cuda.log"
-echo "speed wall $(( $(date +%s) - start )) s" | tee -a "$OUT/speed_cuda.log"
+for stage in ${STAGES:-cv speed}; do $stage; done

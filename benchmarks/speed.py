@@ -40,7 +40,8 @@ import numpy as np  # after the OpenMP setting, which is read when torch loads
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
+# the write-up's network; HEMASEG_REFERENCE_DIR points elsewhere (e.g. a copy carried to a GPU machine)
+REFERENCE = Path(os.environ.get("HEMASEG_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
 FWD_GFLOP_256, TRAIN_GFLOP_256 = 1.52, 4.55
 
 

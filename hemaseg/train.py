@@ -50,6 +50,7 @@ from .transforms import Letterbox, augment, build_augmentation, letterbox, norma
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "hemaseg-checkpoint/1"
+CHECKPOINT_EVERY_S = 60.0  # between the first and the last epoch, checkpoints are written at most this often
 
 
 @dataclass
@@ -82,17 +83,40 @@ def cache_samples(samples, size: int, method: str, mask_threshold=None, progress
 
 
 class AugmentedPairs(Dataset):
-    """In-memory pairs with per-(seed, epoch, index) seeded paired augmentation."""
+    """In-memory pairs with per-(seed, epoch, index) seeded paired augmentation. Indexed by
+    (epoch, index) pairs from EpochSampler, so persistent worker processes need no epoch update."""
 
     def __init__(self, cached: CachedSet, pipeline, seed: int):
-        self.cached, self.pipeline, self.seed, self.epoch = cached, pipeline, seed, 0
+        self.cached, self.pipeline, self.seed = cached, pipeline, seed
 
     def __len__(self) -> int:
         return len(self.cached.names)
 
-    def __getitem__(self, i: int):
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
         return augment(self.pipeline, self.cached.images[i], self.cached.masks[i], seed)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) pairs in an order seeded by (seed, epoch): the same batches after a resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+def _quiet_worker(_: int) -> None:
+    """Data-loader workers skip MONAI's metadata tracking, as the in-process path does."""
+    from monai.data import set_track_meta
+
+    set_track_meta(False)
 
 
 def use_bf16(precision: str, amp: bool, device: torch.device) -> bool:
@@ -198,7 +222,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         on_epoch_end=None) -> dict:
     """Train per `cfg`, writing the run folder described above. Returns the final summary dict.
 
-    `on_epoch_end(epoch, row)` is called after each epoch's checkpoints are on disk (a hook for
+    `on_epoch_end(epoch, row)` is called after each epoch's metrics are written (a hook for
     callers that log elsewhere or stop early by raising)."""
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -254,15 +278,19 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         return {"format": CHECKPOINT_FORMAT, "version": __version__, "config": cfg.to_dict(),
                 "model": model.state_dict(), "epoch": epoch, "metrics": metrics, "data_fingerprint": fingerprint}
 
+    sampler = EpochSampler(len(dataset), tc.seed)
+    # one loader for the whole run: worker processes start once, not every epoch
+    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=tc.num_workers, persistent_workers=tc.num_workers > 0,
+                        worker_init_fn=_quiet_worker if tc.num_workers else None,
+                        pin_memory=device.type == "cuda")
     bar = tqdm(total=plan["epochs"], initial=start_epoch - 1, desc="train", unit="epoch", disable=not progress)
+    best_payload, last_flush = None, -math.inf
     epoch = start_epoch
     while epoch <= plan["epochs"]:
         t_epoch = time.perf_counter()
         model.train()
-        dataset.epoch = epoch
-        order = np.random.default_rng([tc.seed, epoch]).permutation(len(dataset)).tolist()
-        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=order, drop_last=drop_last,
-                            num_workers=tc.num_workers)
+        sampler.epoch = epoch
         losses = []
         for x, y in loader if tc.num_workers else single_threaded_batches(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -289,12 +317,20 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         score = -1.0 if math.isnan(val_dice) else val_dice
         if score > best_dice:
             best_dice = score
-            save_checkpoint(out / "best.pt", payload(epoch, row))
-        save_checkpoint(out / "last.pt", {
-            **payload(epoch, row), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(), "best_dice": best_dice, "history": history, "planned_epochs": plan["epochs"],
-            "elapsed_s": elapsed,
-        })
+            best_payload = {**payload(epoch, row), "model": _cpu_copy(model.state_dict())}
+        # Checkpoints go to disk after the first and the last epoch and at most once a CHECKPOINT_EVERY_S
+        # between: a large model's last.pt is ~400 MB, and writing it every few-second epoch made the
+        # disk the bottleneck. A crash loses under a minute; resume replays from last.pt exactly.
+        if epoch == start_epoch or epoch >= plan["epochs"] or time.perf_counter() - last_flush >= CHECKPOINT_EVERY_S:
+            if best_payload is not None:
+                save_checkpoint(out / "best.pt", best_payload)
+                best_payload = None
+            save_checkpoint(out / "last.pt", {
+                **payload(epoch, row), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "best_dice": best_dice, "history": history, "planned_epochs": plan["epochs"],
+                "elapsed_s": elapsed,
+            })
+            last_flush = time.perf_counter()
         _write_metrics(out, history)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_dice=f"{val_dice:.3f}")
         bar.update(1)
@@ -311,6 +347,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         summary["budget_minutes"] = tc.budget_minutes
     atomic_write_text(out / "summary.json", __import__("json").dumps(summary, indent=2))
     return summary
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def _fit_epochs_to_budget(plan: dict, budget_s: float, elapsed_s: float, history: list[dict], epoch: int) -> None:

@@ -108,3 +108,26 @@ def test_single_threaded_batches_match_the_loader_and_restore_threads():
     threads = torch.get_num_threads()
     assert [b.tolist() for b in single_threaded_batches(loader)] == [b.tolist() for b in loader]
     assert torch.get_num_threads() == threads
+
+
+def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tmp_path):
+    """Persistent loader workers must see each epoch's seeds: same batches, same weights."""
+    fit(tiny_config(tiny_data, epochs=2), tmp_path / "main", progress=False)
+    fit(tiny_config(tiny_data, epochs=2, num_workers=2), tmp_path / "workers", progress=False)
+    a, b = load_checkpoint(tmp_path / "main" / "last.pt"), load_checkpoint(tmp_path / "workers" / "last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_checkpoints_are_flushed_at_most_once_a_period_but_always_at_the_end(tiny_data, tmp_path, monkeypatch):
+    import hemaseg.train as train
+
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 3600.0)
+    seen = []
+    fit(tiny_config(tiny_data, epochs=3), tmp_path / "run", progress=False,
+        on_epoch_end=lambda epoch, row: seen.append(load_checkpoint(tmp_path / "run" / "last.pt")["epoch"]))
+    assert seen == [1, 1, 3]  # first epoch, then nothing until the last
+    # best.pt, held in memory between flushes, is the best epoch of the whole run
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    best_epoch = max(history, key=lambda h: (h["val_dice"], -h["epoch"]))["epoch"]
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == best_epoch

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import time
 
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
@@ -43,6 +44,7 @@ VARIANTS: dict[str, dict] = {
     "dice+focal": {"train": {"loss": "dice_focal"}},
     "no-aug": {"augment": NO_AUG},
     "no-speckle-noise": {"augment": {"speckle_p": 0.0, "noise_p": 0.0}},
+    "bf16": {"train": {"precision": "bf16"}},  # CPUs with AVX512-BF16/AMX: more epochs in the same time
 }
 
 
@@ -63,6 +65,7 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="usgra", choices=sorted(CREDITS))
     p.add_argument("--budget-minutes", type=float, default=4.0, help="training wall time per variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--rerun", action="store_true", help="train the named variants again (side by side, same load)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     data = require_data(args.dataset)
@@ -75,6 +78,8 @@ def main(argv=None) -> None:
     for name in args.variants.split(","):
         cfg = build_config(str(data), plan, VARIANTS[name], args.budget_minutes)
         out = root / name
+        if args.rerun and out.exists():
+            shutil.rmtree(out)
         if not (out / "summary.json").is_file():
             save_split({"train": fold["train"], "val": fold["val"]}, out / "splits.json")
             t = time.perf_counter()

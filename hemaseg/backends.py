@@ -5,7 +5,7 @@ the model's size multiple) and returning (N, 1, H, W) logits. Preprocessing stay
 `transforms.preprocess` and the sigmoid in `predict.forward_probs`, so backends differ only in how the
 convolutions run:
 
-torch        the network as trained, eager (bf16 autocast on CUDA as before); the reference and default
+torch        the network as trained, eager fp32; the reference and default
 torch-fast   eval copy with conv+BN folded, channels_last memory layout, fp32: same numbers, less memory traffic
 torch-bf16   torch-fast under bf16 autocast; needs native bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs)
 onnxruntime  the network exported to ONNX (in memory) and run by ONNX Runtime on the CPU
@@ -88,7 +88,9 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
 class TorchBackend:
     """Eager PyTorch. `fast` folds BN and switches to channels_last; `bf16` adds autocast.
 
-    The plain backend autocasts to bf16 on CUDA, as hemaseg always has; on the CPU it is pure fp32."""
+    The plain backend is pure fp32 everywhere: on an H200 bf16 autocast made the 487k-parameter network
+    slower (3.7 vs 2.6 ms per 256 px image at batch 1; benchmarks/results/speed_cuda.json), since its
+    convolutions are too small for the casts to pay. torch-bf16 is the opt-in for larger networks."""
 
     def __init__(self, model: nn.Module, device: torch.device, fast: bool = False, bf16: bool = False):
         self.device = device
@@ -96,7 +98,7 @@ class TorchBackend:
         self.model = (fuse_conv_bn(model) if fast else model).to(device).eval()
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.autocast = bf16 or (device.type == "cuda" and not fast)
+        self.autocast = bf16
         self.name = "torch-bf16" if bf16 else "torch-fast" if fast else "torch"
 
     @torch.inference_mode()

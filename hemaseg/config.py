@@ -58,8 +58,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on CUDA when `amp`, fp32 on CPU
-    num_workers: int = 0
+    precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 where native (train.use_bf16) when `amp`
+    num_workers: int | None = None  # data-loader processes; None: 0 on the CPU, 4 on CUDA (train.loader_workers)
     threshold: float = 0.5
     budget_minutes: float | None = None
 
@@ -74,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise ValueError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
 

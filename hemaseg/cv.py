@@ -88,16 +88,17 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
     for k, fold in enumerate(split):
         fold_dir = out / f"fold_{k}"
         if (fold_dir / "summary.json").is_file():
-            log.info("fold %d already trained", k)
+            log.info("fold %d/%d already trained", k + 1, len(split))
             continue
         resume = (fold_dir / "last.pt").is_file()
         save_split({"train": fold["train"], "val": fold["val"]}, fold_dir / "splits.json")
-        log.info("fold %d/%d: %s", k + 1, len(split), "resuming" if resume else "training")
         pending.append((k, fold_dir, resume))
     if jobs <= 1 or len(pending) <= 1:
-        for _, fold_dir, resume in pending:
+        for k, fold_dir, resume in pending:
+            log.info("fold %d/%d: %s", k + 1, len(split), "resuming" if resume else "training")
             fit(cfg, fold_dir, resume=resume, progress=progress)
         return
+    log.info("training folds %s, %d at once", ", ".join(str(k + 1) for k, _, _ in pending), jobs)
     # spawn, not fork: a forked child would inherit an initialised CUDA context or OpenMP pool
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // min(jobs, len(pending)))
@@ -115,7 +116,7 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
         if proc.exitcode != 0:
             failed.append(k)
         else:
-            log.info("fold %d trained", k)
+            log.info("fold %d/%d trained", k + 1, len(split))
     if failed:
         raise RuntimeError(f"{out}: training of fold(s) {', '.join(map(str, failed))} failed (see the messages "
                            "above); rerun the same command to resume them")

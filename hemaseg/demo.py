@@ -15,14 +15,15 @@ from .train import fit
 
 
 def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, epochs: int | None = None,
-             seed: int = 0, budget_minutes: float | None = 3.0, progress: bool = True) -> dict[str, Path]:
+             seed: int = 0, budget_minutes: float | None = 3.0, progress: bool = True,
+             precision: str = "auto") -> dict[str, Path]:
     """Synthesize -> train -> evaluate on held-out scans -> predict -> report. Returns the paths written."""
     out = Path(out)
     t0 = time.perf_counter()
     data = write_synthetic_dataset(out / "data", n, size=size, seed=seed, progress=progress)
     test = write_synthetic_dataset(out / "test", n_test, size=size, seed=seed + 10_000, progress=progress)
     cfg = RunConfig(data=DataConfig(root=str(data), size=size),
-                    train=TrainConfig(epochs=epochs or 1, seed=seed, budget_minutes=budget_minutes))
+                    train=TrainConfig(epochs=epochs or 1, seed=seed, budget_minutes=budget_minutes, precision=precision))
     run = out / "run"
     train_summary = fit(cfg, run, progress=progress)
     predictor = load_model(run)

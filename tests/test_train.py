@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hemaseg.checkpoint import load_checkpoint
+from hemaseg.config import TrainConfig
 from hemaseg.data import load_split
 from hemaseg.train import fit, lr_factor
 
@@ -131,3 +132,25 @@ def test_checkpoints_are_flushed_at_most_once_a_period_but_always_at_the_end(tin
     history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
     best_epoch = max(history, key=lambda h: (h["val_dice"], -h["epoch"]))["epoch"]
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == best_epoch
+
+
+def test_loader_workers_default_to_none_on_the_cpu_and_some_on_cuda():
+    from hemaseg.train import loader_workers
+
+    assert loader_workers(None, torch.device("cpu")) == 0
+    assert 1 <= loader_workers(None, torch.device("cuda")) <= 4
+    assert loader_workers(3, torch.device("cpu")) == 3  # an explicit choice wins
+    with pytest.raises(ValueError, match="--num-workers"):
+        TrainConfig(num_workers=-1)
+
+
+def test_auto_precision_uses_bf16_exactly_where_it_is_native_and_records_it(tiny_data, tmp_path):
+    from hemaseg.backends import bf16_supported
+    from hemaseg.train import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", True, cpu) == bf16_supported(cpu)
+    assert use_bf16("auto", False, cpu) is False and use_bf16("fp32", True, cpu) is False
+    fit(tiny_config(tiny_data, epochs=1), tmp_path / "run", progress=False)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())["meta"]
+    assert meta["bf16_autocast"] == bf16_supported(cpu)

@@ -216,8 +216,10 @@ def _open(path: Path, max_pixels: int | None) -> Image.Image:
     return im
 
 
-def _as_gray_float(im: Image.Image, path: Path) -> np.ndarray:
-    """Convert any PIL mode to float32 HxW in [0, 1]."""
+def pil_to_gray_float(im: Image.Image, path: Path) -> np.ndarray:
+    """Convert any PIL mode to float32 HxW in [0, 1], as `read_image` does (the service reads uploads
+    from memory through this too, so a scan gets the same numbers however it arrives). `path` names
+    the source in errors."""
     mode = im.mode
     if mode == "1":
         return np.asarray(im, dtype=np.float32)
@@ -251,7 +253,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS_DEFA
     path = Path(path)
     with _open(path, max_pixels) as im:
         try:
-            return _as_gray_float(im, path)
+            return pil_to_gray_float(im, path)
         except ValueError as e:  # modes PIL cannot convert to gray, e.g. HSV
             raise DataError(path, f"cannot convert image mode {im.mode} to gray: {e}") from None
 

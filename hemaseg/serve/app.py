@@ -45,7 +45,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .. import __version__
 from ..checkpoint import atomic_write_bytes
-from ..data import _as_gray_float
+from ..data import pil_to_gray_float
 from ..geometry import find_lesions
 from ..predict import Prediction, Predictor, load_model
 from ..report import overlay_contours, png_bytes
@@ -243,7 +243,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Decoded:
             raise ApiError(422, "corrupt_image",
                            f"The image file is damaged or incomplete and cannot be decoded ({e}).") from None
         try:
-            gray = _as_gray_float(im, Path("upload"))
+            gray = pil_to_gray_float(im, Path("upload"))
         except Exception as e:  # noqa: BLE001 - e.g. LAB, which PIL cannot turn into gray
             raise ApiError(422, "unsupported_mode",
                            f"Image mode {im.mode} cannot be converted to gray ({e}); save it as 8-bit gray "

@@ -15,12 +15,13 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import os
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
+from .backends import available_cpus
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .data import find_groups, find_samples, kfold_split, read_groups, save_split
@@ -101,8 +102,8 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
     log.info("training folds %s, %d at once", ", ".join(str(k + 1) for k, _, _ in pending), jobs)
     # spawn, not fork: a forked child would inherit an initialised CUDA context or OpenMP pool
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(pending)))
-    running: list[tuple[int, multiprocessing.Process]] = []
+    threads = max(1, available_cpus() // min(jobs, len(pending)))
+    running: dict[int, tuple[int, multiprocessing.Process]] = {}  # sentinel -> (fold, process)
     failed = []
     queue = list(pending)
     while queue or running:
@@ -110,15 +111,16 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
             k, fold_dir, resume = queue.pop(0)
             proc = ctx.Process(target=_train_fold, args=(cfg, fold_dir, resume, False, threads), name=f"fold_{k}")
             proc.start()
-            running.append((k, proc))
-        k, proc = running.pop(0)
-        proc.join()
-        if proc.exitcode != 0:
-            failed.append(k)
-        else:
-            log.info("fold %d/%d trained", k + 1, len(split))
+            running[proc.sentinel] = (k, proc)
+        for sentinel in wait(list(running)):  # refill a slot as soon as any fold ends
+            k, proc = running.pop(sentinel)
+            proc.join()
+            if proc.exitcode != 0:
+                failed.append(k)
+            else:
+                log.info("fold %d/%d trained", k + 1, len(split))
     if failed:
-        raise RuntimeError(f"{out}: training of fold(s) {', '.join(map(str, failed))} failed (see the messages "
+        raise RuntimeError(f"{out}: training of fold(s) {', '.join(map(str, sorted(failed)))} failed (see the messages "
                            "above); rerun the same command to resume them")
 
 

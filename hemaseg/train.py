@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
-from .backends import bf16_supported, make_backend
+from .backends import available_cpus, bf16_supported, make_backend
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import (
@@ -166,8 +166,6 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type != "cuda":
         return 0
-    from .backends import available_cpus
-
     return max(1, min(4, available_cpus() - 1))
 
 
@@ -282,21 +280,22 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         log.info("resuming %s at epoch %d of %d", out, start_epoch, plan["epochs"])
 
     fingerprint = dataset_fingerprint(samples)
+    workers = loader_workers(tc.num_workers, device)
     meta = {
         "hemaseg_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": str(device), "data_fingerprint": fingerprint, "n_train": len(train_set.names),
-        "n_val": len(val_set.names), "loader_workers": loader_workers(tc.num_workers, device),
+        "n_val": len(val_set.names), "loader_workers": workers,
         "bf16_autocast": amp,
     }
     cfg.save(out / "config.json", {"meta": meta})
     dataset = AugmentedPairs(train_set, build_augmentation(cfg.augment, cfg.data.size), tc.seed)
 
-    def payload(epoch: int, metrics: dict) -> dict:
+    def payload(epoch: int, metrics: dict, state: dict | None = None) -> dict:
         return {"format": CHECKPOINT_FORMAT, "version": __version__, "config": cfg.to_dict(),
-                "model": model.state_dict(), "epoch": epoch, "metrics": metrics, "data_fingerprint": fingerprint}
+                "model": model.state_dict() if state is None else state, "epoch": epoch, "metrics": metrics,
+                "data_fingerprint": fingerprint}
 
     sampler = EpochSampler(len(dataset), tc.seed)
-    workers = loader_workers(tc.num_workers, device)
     # one loader for the whole run: worker processes start once, not every epoch
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last,
                         num_workers=workers, persistent_workers=workers > 0,
@@ -334,7 +333,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         score = -1.0 if math.isnan(val_dice) else val_dice
         if score > best_dice:
             best_dice = score
-            best_payload = {**payload(epoch, row), "model": _cpu_copy(model.state_dict())}
+            best_payload = payload(epoch, row, _cpu_copy(model.state_dict()))  # kept until the next flush
         # Checkpoints go to disk after the first and the last epoch and at most once a CHECKPOINT_EVERY_S
         # between: a large model's last.pt is ~400 MB, and writing it every few-second epoch made the
         # disk the bottleneck. A crash loses under a minute; resume replays from last.pt exactly.

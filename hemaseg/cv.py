@@ -1,6 +1,7 @@
 """Cross-validation: deterministic (group-aware) folds, one resumable training per fold, and
 out-of-fold evaluation that decides TTA, postprocessing and the review threshold on data the
-models never saw.
+models never saw. Folds are scored with their final weights (predict.FOLD_WEIGHTS): their best.pt
+was picked on the very scans they are scored on.
 
 RUN/folds.json             the folds (written once, reused)
 RUN/fold_K/                a normal training run per fold (resumable)
@@ -27,7 +28,7 @@ from .config import RunConfig
 from .data import find_groups, find_samples, kfold_split, read_groups, save_split
 from .evaluate import evaluate, json_safe, score_image, summarize, write_evaluation, write_report
 from .postprocess import apply_plan, decide_plan
-from .predict import load_model
+from .predict import FOLD_WEIGHTS, load_model
 from .train import fit
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
 
     variants = {"plain": [], "tta": []}
     for k, fold in enumerate(split):
-        predictor = load_model(out / f"fold_{k}", device=cfg.train.device, postprocess=False)
+        predictor = load_model(out / f"fold_{k}" / FOLD_WEIGHTS, device=cfg.train.device, postprocess=False)
         for name in variants:
             predictor.tta = name == "tta"
             result = evaluate(predictor, cfg.data.root, names=fold["val"], mask_threshold=cfg.data.mask_threshold,

@@ -110,13 +110,20 @@ def _load_weights(ckpt_path: Path) -> tuple[torch.nn.Module, RunConfig, dict]:
     return model, config, ckpt
 
 
+# A fold's best.pt was picked on its validation scans, which in a cross-validation are the held-out
+# scans it is scored on: scoring or ensembling it would report a selection made on the test data. The
+# folds' final weights (the schedule has annealed the learning rate to zero there) are used instead,
+# as nnU-Net does.
+FOLD_WEIGHTS = "last.pt"
+
+
 def fold_checkpoints(run: Path) -> list[Path]:
-    """best.pt of every fold of a cross-validation run folder (empty for a plain run)."""
+    """The final weights of every fold of a cross-validation run folder (empty for a plain run)."""
     if not (run / "folds.json").is_file():
         return []
-    paths = sorted(run.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    paths = sorted(run.glob(f"fold_*/{FOLD_WEIGHTS}"), key=lambda p: int(p.parent.name.split("_")[1]))
     if not paths:
-        raise FileNotFoundError(f"{run}: a cross-validation run without any trained fold (fold_*/best.pt)")
+        raise FileNotFoundError(f"{run}: a cross-validation run without any trained fold (fold_*/{FOLD_WEIGHTS})")
     return paths
 
 
@@ -148,7 +155,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", threshold: float | None = None,
                         tta: bool = False, postprocess: bool = True, backend: str = "torch") -> "Predictor":
-        """`path` is a run folder (best.pt), a cross-validation run (every fold's best.pt, averaged)
+        """`path` is a run folder (best.pt), a cross-validation run (every fold's final weights, averaged)
         or a checkpoint file. A run's postprocessing.json is applied unless postprocess=False."""
         path = Path(path)
         folds = fold_checkpoints(path) if path.is_dir() else []

@@ -36,8 +36,18 @@ def test_cv_trains_each_fold_evaluates_out_of_fold_and_loads_as_an_ensemble(tiny
     ensemble = hemaseg.load_model(out)
     assert len(ensemble.models) == 2
     image = np.random.default_rng(0).integers(0, 255, (40, 56), dtype=np.uint8)
-    single = [hemaseg.load_model(out / f"fold_{k}").predict_proba_batch([image])[0] for k in range(2)]
+    single = [hemaseg.load_model(out / f"fold_{k}" / "last.pt").predict_proba_batch([image])[0] for k in range(2)]
     np.testing.assert_allclose(ensemble.predict_proba_batch([image])[0], (single[0] + single[1]) / 2, atol=1e-5)
+
+
+def test_cv_scores_and_ensembles_final_weights_never_the_checkpoint_picked_on_the_held_out_fold(tiny_data, tmp_path):
+    out = tmp_path / "cv"
+    first = run_cv(tiny_config(tiny_data, epochs=2), out, folds=2, seed=0, progress=False)["summary"]
+    for k in range(2):  # best.pt was selected on fold k's held-out scans: make it unusable
+        (out / f"fold_{k}" / "best.pt").write_bytes(b"selected on the test fold")
+    again = run_cv(tiny_config(tiny_data, epochs=2), out, folds=2, seed=0, progress=False)["summary"]
+    assert again["fold_dice"] == first["fold_dice"] and again["oof_dice_final"] == first["oof_dice_final"]
+    assert len(hemaseg.load_model(out).models) == 2
 
 
 def test_review_threshold_flags_low_confidence_low_dice_cases():

@@ -86,16 +86,20 @@ def main(argv=None) -> None:
         out = root / name
         if args.rerun and out.exists():
             shutil.rmtree(out)
+        train_s = None
         if not (out / "summary.json").is_file():
             save_split({"train": fold["train"], "val": fold["val"]}, out / "splits.json")
             t = time.perf_counter()
             fit(cfg, out, progress=False)
             train_s = time.perf_counter() - t
-        else:
-            train_s = json.loads((out / "summary.json").read_text())["train_s"]
-        row = {"epochs": json.loads((out / "summary.json").read_text())["epochs"], "train_s": round(train_s, 1)}
-        for tta in (False, True):  # the final weights: best.pt was picked on these very scans
-            s = evaluate(load_model(out / "last.pt", tta=tta), str(data), names=fold["val"], progress=False)["summary"]
+        summary = json.loads((out / "summary.json").read_text())
+        if train_s is None:
+            train_s = summary["train_s"]
+        row = {"epochs": summary["epochs"], "train_s": round(train_s, 1)}
+        final = load_model(out / "last.pt")  # the final weights: best.pt was picked on these very scans
+        for tta in (False, True):
+            final.tta = tta
+            s = evaluate(final, str(data), names=fold["val"], progress=False)["summary"]
             key = "tta" if tta else "plain"
             row[f"dice_{key}"], row[f"dice_lesion_{key}"] = s["dice_mean"], s["dice_mean_lesion"]
             row[f"fp_images_{key}"] = s["n_false_positive_images"]

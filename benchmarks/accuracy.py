@@ -20,8 +20,8 @@ import time
 from common import CREDITS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import DataConfig, RunConfig, TrainConfig
-from hemaseg.cv import run_cv
-from hemaseg.models import ModelConfig
+from hemaseg.training.cv import run_cv
+from hemaseg.models.unet import ModelConfig
 from hemaseg.plan import PRESETS, fingerprint_stats, make_plan
 
 

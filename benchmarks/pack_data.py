@@ -19,7 +19,7 @@ from PIL import Image
 
 
 def pack(src: Path, dst: Path, max_side: int) -> int:
-    from hemaseg.data import find_samples, read_image, read_mask
+    from hemaseg.data.dataset import find_samples, read_image, read_mask
 
     (dst / "images").mkdir(parents=True, exist_ok=True)
     (dst / "mask").mkdir(parents=True, exist_ok=True)

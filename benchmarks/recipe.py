@@ -22,14 +22,14 @@ import time
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import DataConfig, RunConfig, TrainConfig
-from hemaseg.cv import make_folds
-from hemaseg.data import save_split
-from hemaseg.evaluate import evaluate
-from hemaseg.models import ModelConfig
+from hemaseg.training.cv import make_folds
+from hemaseg.data.dataset import save_split
+from hemaseg.evaluation.evaluate import evaluate
+from hemaseg.models.unet import ModelConfig
 from hemaseg.plan import fingerprint_stats, make_plan
-from hemaseg.predict import load_model
-from hemaseg.train import fit
-from hemaseg.transforms import AugmentConfig
+from hemaseg.inference.predictor import load_model
+from hemaseg.training.train import fit
+from hemaseg.data.transforms import AugmentConfig
 
 NO_AUG = {k: 0.0 for k in ("hflip", "vflip", "affine_p", "gamma_p", "contrast_p", "blur_p", "noise_p", "speckle_p")}
 VARIANTS: dict[str, dict] = {

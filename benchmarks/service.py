@@ -48,10 +48,10 @@ def write_checkpoint(folder: Path) -> Path:
     import torch
 
     from hemaseg import __version__
-    from hemaseg.checkpoint import save_checkpoint
+    from hemaseg.models.checkpoint import save_checkpoint
     from hemaseg.config import RunConfig
-    from hemaseg.models import build_model
-    from hemaseg.train import CHECKPOINT_FORMAT
+    from hemaseg.models.unet import build_model
+    from hemaseg.training.train import CHECKPOINT_FORMAT
 
     torch.manual_seed(0)
     cfg = RunConfig()  # seed architecture, input 256
@@ -72,7 +72,7 @@ def multipart(png: bytes) -> tuple[bytes, str]:
 def scan_png(size: int) -> bytes:
     from PIL import Image
 
-    from hemaseg.synth import synth_scan
+    from hemaseg.data.synth import synth_scan
 
     image, _ = synth_scan(np.random.default_rng(size), size)
     buf = io.BytesIO()

@@ -54,7 +54,7 @@ def load_reference():
 
 def trained_like_seed_model() -> torch.nn.Module:
     """The seed UNet with non-trivial BN statistics (as after training), so conv+BN folding is real."""
-    from hemaseg.models import ModelConfig, build_model
+    from hemaseg.models.unet import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig()).eval()
@@ -69,7 +69,7 @@ DEVICE = torch.device("cpu")  # --device
 
 
 def backend_names() -> list[str]:
-    from hemaseg.backends import bf16_supported
+    from hemaseg.inference.backends import bf16_supported
 
     names = ["torch", "torch-fast"] + (["onnxruntime"] if DEVICE.type == "cpu" else [])  # ORT runs on the CPU
     return names + (["torch-bf16"] if bf16_supported(DEVICE) else [])
@@ -91,9 +91,9 @@ def rss_mb() -> float:
 def inference_runners(size: int, batch: int, only: str | None = None) -> dict:
     """name -> zero-argument callable doing one batch; all built before timing starts. `only`:
     "reference" or one backend's network alone (for the memory probe)."""
-    from hemaseg.backends import make_backend
+    from hemaseg.inference.backends import make_backend
     from hemaseg.config import DataConfig, RunConfig
-    from hemaseg.predict import Predictor
+    from hemaseg.inference.predictor import Predictor
 
     ref = load_reference()().eval().to(DEVICE)
     model = trained_like_seed_model()
@@ -204,7 +204,7 @@ def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, pr
     """hemaseg's fit() (cached letterboxed scans, MONAI augmentation, validation and checkpoints
     included). Returns (seconds per epoch, training images per epoch)."""
     from hemaseg.config import DataConfig, RunConfig, TrainConfig
-    from hemaseg.train import fit
+    from hemaseg.training.train import fit
 
     cfg = RunConfig(data=DataConfig(root=str(data), size=size, val_fraction=0.1),
                     train=TrainConfig(epochs=epochs, batch_size=batch, device=str(DEVICE), precision=precision,
@@ -216,8 +216,8 @@ def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, pr
 
 
 def bench_training(n_scans, epochs, rounds, batch, peak, workdir: Path, workers: int = 0) -> tuple[list[dict], dict]:
-    from hemaseg.backends import bf16_supported
-    from hemaseg.synth import write_synthetic_dataset
+    from hemaseg.inference.backends import bf16_supported
+    from hemaseg.data.synth import write_synthetic_dataset
 
     data = write_synthetic_dataset(workdir / "data", n_scans, size=320, seed=0, progress=False)
     n_orig = (n_scans // batch) * batch
@@ -255,7 +255,7 @@ def memory_child(variant: str, data: str) -> None:
         run()
     else:
         from hemaseg.config import DataConfig, RunConfig, TrainConfig
-        from hemaseg.train import fit
+        from hemaseg.training.train import fit
 
         setup = rss_mb()
         if variant == "train:original":
@@ -270,7 +270,7 @@ def memory_child(variant: str, data: str) -> None:
 
 
 def bench_memory(data: Path) -> list[dict]:
-    from hemaseg.backends import bf16_supported
+    from hemaseg.inference.backends import bf16_supported
 
     variants = ["infer:reference"] + [f"infer:{n}" for n in backend_names()] + ["train:original", "train:fp32"]
     variants += ["train:bf16"] if bf16_supported(torch.device("cpu")) else []
@@ -329,7 +329,7 @@ def main() -> None:
     import onnxruntime
 
     from hemaseg import __version__
-    from hemaseg.backends import cpu_threads
+    from hemaseg.inference.backends import cpu_threads
 
     t0 = time.perf_counter()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

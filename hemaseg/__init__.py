@@ -12,16 +12,16 @@ Python API::
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": ("predict", "load_model"),
-    "Predictor": ("predict", "Predictor"),
-    "Prediction": ("predict", "Prediction"),
-    "train_model": ("train", "train_model"),
-    "fit": ("train", "fit"),
-    "build_model": ("models", "build_model"),
-    "ModelConfig": ("models", "ModelConfig"),
+    "load_model": ("inference.predictor", "load_model"),
+    "Predictor": ("inference.predictor", "Predictor"),
+    "Prediction": ("inference.predictor", "Prediction"),
+    "train_model": ("training.train", "train_model"),
+    "fit": ("training.train", "fit"),
+    "build_model": ("models.unet", "build_model"),
+    "ModelConfig": ("models.unet", "ModelConfig"),
     "RunConfig": ("config", "RunConfig"),
-    "check_dataset": ("data", "check_dataset"),
-    "write_synthetic_dataset": ("synth", "write_synthetic_dataset"),
+    "check_dataset": ("data.dataset", "check_dataset"),
+    "write_synthetic_dataset": ("data.synth", "write_synthetic_dataset"),
 }
 
 __all__ = ["__version__", *_API]

@@ -1,9 +1,12 @@
-"""The `hemaseg` command line. The only module that reads argv; every command calls library functions."""
+"""The `hemaseg` command line. The only module that reads argv or the environment; every command calls
+library functions. Every error reaching it becomes one line naming the file and the problem, with an
+exit code from EXIT_CODES (`--debug` or HEMASEG_DEBUG=1 shows the traceback instead)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -14,10 +17,42 @@ from pathlib import Path
 log = logging.getLogger("hemaseg")
 
 
+EXIT_CODES = {
+    0: "success",
+    1: "finished, but some inputs failed (see errors.csv) or `check` found problems",
+    2: "usage or data error: a bad flag or value, a broken or missing file, a refused run folder",
+    3: "operating-system error: no space left, permission denied, a read-only folder ...",
+    4: "internal error (a bug in hemaseg: please report it; --debug shows the traceback)",
+    130: "interrupted (Ctrl-C); finished outputs are kept and a training run can be resumed",
+}
+#: Python setting names whose flag is not --name-with-dashes
+FLAG_OF = {"groups_file": "--groups", "arch": "--model", "augment": "--no-augment"}
+
+
+def flag(key: str) -> str:
+    return FLAG_OF.get(key, "--" + key.replace("_", "-"))
+
+
+def _presets(attr: str) -> str:
+    """'default 4, seed 8, large 16': what each preset sets, for --help."""
+    from hemaseg.config import PRESETS
+
+    return ", ".join(f"{name} {getattr(p, attr)}" for name, p in PRESETS.items())
+
+
+def _add_max_pixels_flag(p: argparse.ArgumentParser) -> None:
+    from hemaseg.config import DataConfig
+
+    p.add_argument("--max-pixels", type=int, metavar="N", default=None,
+                   help=f"refuse images larger than N pixels (width x height), checked from the file header "
+                        f"before decoding (default {DataConfig.max_pixels:,})")
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-threshold", type=float, default=None, metavar="F",
                    help="binarise non-binary masks at F x the mask dtype's maximum (e.g. 0.5); "
                         "without it a mask must hold exactly two values")
+    _add_max_pixels_flag(p)
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -25,70 +60,92 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
                    help="test-time augmentation: average the probabilities of the scan and its flips")
     p.add_argument("--no-postprocess", action="store_true",
                    help="skip the postprocessing steps the run decided on (RUN/postprocessing.json)")
+    p.add_argument("--threshold", type=float, help="probability threshold for masks (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default auto)")
+    _add_backend_flag(p)
 
 
 def _add_backend_flag(p: argparse.ArgumentParser) -> None:
-    # names as in hemaseg.backends.BACKENDS, spelled out so `--help` does not import torch
-    p.add_argument("--backend", choices=["torch", "torch-fast", "torch-bf16", "onnxruntime"], default="torch",
-                   help="how the network runs: torch (eager, default), torch-fast (conv+BN folded, "
-                        "channels_last, same results), torch-bf16 (torch-fast in bf16: CPUs with AVX512-BF16/AMX, "
-                        "recent GPUs; masks may differ at a few boundary pixels), onnxruntime (ONNX Runtime on "
-                        "the CPU, exported in memory from the checkpoint)")
+    from hemaseg.config import BACKENDS
+
+    p.add_argument("--backend", choices=list(BACKENDS), default="auto",
+                   help="how the network runs: " + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items())
+                        + " (default auto)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from hemaseg.config import ARCHS, LOSSES, NORMALIZATIONS, NORMS, PRECISIONS, PRESETS, AugmentConfig, \
+        DataConfig, InferenceConfig, ModelConfig, TrainConfig
+
+    d, m, tr = DataConfig(), ModelConfig(), TrainConfig()
+    g = p.add_argument_group("recipe")
+    g.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="recipe to start from, adapted to the dataset (input size, batch) and stored in the run: "
+                        + "; ".join(f"'{k}' = {v.description}" for k, v in PRESETS.items())
+                        + " (default: default); the flags below override it")
+    g.add_argument("--config", metavar="JSON", help="a config.json (e.g. from an earlier run) to start from "
+                                                    "instead of a preset; flags given here override it")
     g = p.add_argument_group("data")
-    g.add_argument("--size", type=int, help="training size in pixels (multiple of 16); scans are letterboxed "
-                                            "to size x size with their aspect ratio kept (default 256)")
-    g.add_argument("--normalize", choices=["zscore", "unit"], help="intensity normalisation (default zscore)")
-    g.add_argument("--val-fraction", type=float, help="share of scans held out for validation (default 0.2)")
-    g.add_argument("--split-seed", type=int, help="seed of the train/val split (default 0)")
+    g.add_argument("--size", type=int, help="input size in pixels: scans are letterboxed to size x size with their "
+                                            f"aspect ratio kept (presets: {_presets('size')}; never above the median "
+                                            "scan's longer side)")
+    g.add_argument("--normalize", choices=NORMALIZATIONS, help=f"intensity normalisation (default {d.normalize})")
+    g.add_argument("--val-fraction", type=float, help=f"share of scans held out for validation (default {d.val_fraction})")
+    g.add_argument("--split-seed", type=int, help=f"seed of the train/val split (default {d.split_seed})")
     g.add_argument("--split-file", help="JSON {'train': [...], 'val': [...]} of scan names to use instead")
     g.add_argument("--groups", dest="groups_file", metavar="CSV",
                    help="CSV of image name + group (group/dup_group/patient column): a group never spans "
                         "train and val (default: DATA/manifest.csv when it has such a column)")
     g.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
-    g.add_argument("--preset", choices=["seed", "default", "large"], default="default",
-                   help="recipe to start from, adapted to the dataset (input size, batch) and stored in the run: "
-                        "'seed' = the original network with a sound recipe, 'default' = best measured for a "
-                        "2-core CPU, 'large' = wider and larger input, for a GPU (default: default); "
-                        "flags below override it")
+    _add_max_pixels_flag(g)
     g = p.add_argument_group("model")
-    g.add_argument("--model", dest="arch", choices=["seed", "unet"],
-                   help="'seed' = the original 487,449-parameter network (default); 'unet' = configurable")
-    g.add_argument("--base-width", type=int, help="channels at the first level of 'unet' (default 8)")
-    g.add_argument("--depth", type=int, help="pooling steps of 'unet' (default 4)")
-    g.add_argument("--norm", choices=["batch", "instance", "group", "none"], help="normalisation layers of 'unet'")
+    g.add_argument("--model", dest="arch", choices=list(ARCHS),
+                   help="; ".join(f"'{k}' = {v}" for k, v in ARCHS.items())
+                        + " (presets: " + ", ".join(f"{k} {v.model.arch}" for k, v in PRESETS.items()) + ")")
+    g.add_argument("--base-width", type=int, help=f"channels at the first level of 'unet' (default {m.base_width})")
+    g.add_argument("--depth", type=int, help=f"pooling steps of 'unet' (default {m.depth})")
+    g.add_argument("--norm", choices=NORMS, help=f"normalisation layers of 'unet' (default {m.norm})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="training epochs (default 30)")
+    g.add_argument("--epochs", type=int, help=f"training epochs (presets: {_presets('epochs')})")
     g.add_argument("--budget-minutes", type=float, metavar="M",
                    help="fit the number of epochs to M minutes of wall time (measured after the first epoch)")
-    g.add_argument("--batch-size", type=int, help="images per step (default 8)")
-    g.add_argument("--loss", choices=["dice_bce", "dice_focal"], help="Dice + BCE (default) or Dice + focal (MONAI)")
-    g.add_argument("--lr", type=float, help="peak AdamW learning rate (default 3e-3)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length before cosine decay (default 1)")
-    g.add_argument("--seed", type=int, help="seed of weights, batch order and augmentation (default 0)")
-    g.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default auto)")
+    g.add_argument("--batch-size", type=int, help=f"images per step (presets: {_presets('batch_size')}; halved on "
+                                                  "a CPU above 256 px)")
+    g.add_argument("--loss", choices=LOSSES, help=f"Dice + BCE or Dice + focal, MONAI's (default {tr.loss})")
+    g.add_argument("--lr", type=float, help=f"peak AdamW learning rate (presets: {_presets('lr')})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {tr.weight_decay})")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before cosine decay (default {tr.warmup_epochs})")
+    g.add_argument("--seed", type=int, help=f"seed of weights, batch order and augmentation (default {tr.seed})")
+    g.add_argument("--device", help=f"auto (CUDA when present), cpu, cuda, cuda:1 ... (default {tr.device})")
     g.add_argument("--num-workers", type=int,
                    help="augmentation worker processes (default: none on the CPU, where in-process is faster; "
                         "4 on CUDA, which otherwise waits for data)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    g.add_argument("--precision", choices=PRECISIONS,
                    help="autocast precision: auto = bf16 where the hardware runs it natively (bf16 GPUs, CPUs "
-                        "with AVX512-BF16/AMX: 1.6x faster training here, same or better Dice per minute), else "
-                        "fp32 (default); bf16 = demand it; fp32 = never autocast")
-    g.add_argument("--threshold", type=float, help="probability threshold for masks (default 0.5)")
-    g.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    g.add_argument("--config", metavar="JSON", help="a config.json (e.g. from an earlier run) to start from; "
-                                                    "flags given here override it")
+                        "with AVX512-BF16/AMX: 1.6x faster training there, same or better Dice per minute), else "
+                        "fp32; bf16 = demand it; fp32 = never autocast (default auto)")
+    g.add_argument("--checkpoint-every-s", type=float, metavar="S",
+                   help=f"write last.pt at the end of any epoch that would otherwise leave more than S seconds "
+                        f"unsaved, and after the first and last epoch: a crash loses at most one epoch or about S "
+                        f"seconds, whichever is larger; 0 = every epoch (default {tr.checkpoint_every_s:g})")
+    g.add_argument("--threshold", type=float,
+                   help=f"probability threshold for masks, used in validation and stored for inference "
+                        f"(default {InferenceConfig().threshold})")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="train without augmentation (flips, affine, intensity: " + ", ".join(
+                       f"{k} {v}" for k, v in vars(AugmentConfig()).items() if k.endswith("_p") or "flip" in k) + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from hemaseg import __version__
 
-    parser = argparse.ArgumentParser(prog="hemaseg", description="Find and measure lesions in 2-D ultrasound.")
+    parser = argparse.ArgumentParser(
+        prog="hemaseg", description="Find and measure lesions in 2-D ultrasound.",
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
     parser.add_argument("--version", action="version", version=f"hemaseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also HEMASEG_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write synthetic ultrasound scans with known lesions",
@@ -108,38 +165,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on a dataset folder",
                        description="Train a UNet on DATA and write RUN/ (config.json, splits.json, best.pt, "
-                                   "last.pt, metrics.csv, curves.png).")
-    p.add_argument("data", nargs="?", help="dataset folder (not needed with --resume)")
-    p.add_argument("--out", help="run folder to write")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last.pt (same result as uninterrupted); with --epochs N, extend it to N epochs")
+                                   "last.pt, metrics.csv, curves.png, summary.json). The data is read and checked "
+                                   "before anything is written.")
+    p.add_argument("data", nargs="?", help="dataset folder (with --resume: only if the data has moved)")
+    p.add_argument("--out", help="run folder to write (must be empty or new, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its last.pt with its own settings (same result as uninterrupted); "
+                        "with --epochs N, extend it to N epochs")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="with --resume: continue although the data's fingerprint differs from the run's (recorded "
+                        "in RUN/config.json's history)")
     _add_train_flags(p)
 
     p = sub.add_parser("evaluate", help="score a trained model on a labelled dataset",
-                       description="Predict every scan of DATA with RUN's best model and write per-image Dice/IoU "
-                                   "(per_image.csv) and summary.json.")
-    p.add_argument("run", help="run folder or checkpoint file")
+                       description="Predict every scan of DATA with RUN's model and write per-image metrics "
+                                   "(per_image.csv), summary.json, report.html and, for pairs that could not be "
+                                   "read, errors.csv (exit status 1).")
+    p.add_argument("run", help="run folder, cross-validation run folder or checkpoint file")
     p.add_argument("data", help="labelled dataset folder")
     p.add_argument("--out", help="output folder (default RUN/eval)")
     p.add_argument("--split", choices=["all", "val", "train"], default="all",
                    help="score all of DATA (default), or only the run's val/train split of it")
-    p.add_argument("--threshold", type=float, help="probability threshold (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first pair that cannot be read")
     _add_inference_flags(p)
-    _add_backend_flag(p)
     _add_data_flags(p)
 
     p = sub.add_parser("predict", help="segment new scans",
                        description="For each image: NAME_mask.png (0/255, original size), NAME_overlay.png "
-                                   "(outline on the scan) and predictions.csv with lesion measurements.")
-    p.add_argument("run", help="run folder or checkpoint file")
+                                   "(outline on the scan) and a row of predictions.csv with lesion measurements. "
+                                   "A scan that cannot be read is listed in errors.csv and skipped (exit status 1).")
+    p.add_argument("run", help="run folder, cross-validation run folder or checkpoint file")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, help="probability threshold (default: the run's)")
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
+    _add_max_pixels_flag(p)
     _add_inference_flags(p)
-    _add_backend_flag(p)
 
     p = sub.add_parser("export", help="export a trained model for use outside hemaseg (ONNX)",
                        description="Write RUN's best model as ONNX with dynamic batch/height/width and the "
@@ -154,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Deterministic (group-aware) folds saved to RUN/folds.json; trains RUN/fold_K "
                                    "(resumable: rerun the same command), then evaluates out of fold with and without "
                                    "TTA, decides postprocessing and the needs-review threshold, and writes "
-                                   "RUN/cv_summary.json and RUN/oof/. predict/evaluate accept RUN as an ensemble.")
+                                   "RUN/cv_summary.json, RUN/oof/ and RUN/report.html. predict/evaluate accept RUN "
+                                   "as an ensemble.")
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="cross-validation run folder")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
@@ -165,15 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
 
     p = sub.add_parser("report", help="write the HTML report of a run",
-                       description="Evaluate RUN on its validation split (a cross-validation run: out of fold, no "
-                                   "retraining) and write one self-contained RUN/report.html.")
+                       description="A plain run: evaluate RUN on its validation split and write RUN/report.html. "
+                                   "A cross-validation run: redraw RUN/report.html from what `hemaseg cv` wrote "
+                                   "(no prediction, no decision made again).")
     p.add_argument("run", help="run folder or cross-validation run folder")
     p.add_argument("--data", help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
 
     p = sub.add_parser("demo", help="synthesize, train, evaluate, predict and report in a few minutes",
                        description="End to end on built-in synthetic scans: writes OUT/data, OUT/test, OUT/run, "
-                                   "OUT/eval, OUT/predictions and OUT/report.html.")
+                                   "OUT/eval, OUT/predictions and OUT/report.html (a rerun replaces them).")
     p.add_argument("--out", default="hemaseg-demo", help="output folder (default ./hemaseg-demo)")
     p.add_argument("--n", type=int, default=300, help="training + validation scans (default 300)")
     p.add_argument("--n-test", type=int, default=60, help="held-out test scans (default 60)")
@@ -201,65 +266,49 @@ def build_parser() -> argparse.ArgumentParser:
                         "thread (default 1 = off: on a 2-core CPU a thread pool served more; measure yours "
                         "with benchmarks/service.py)")
     p.add_argument("--api-key", metavar="KEY",
-                   help="require KEY on every /v1 route (header X-API-Key or Authorization: Bearer KEY); "
-                        "default: the HEMASEG_API_KEY environment variable, else no key. The page, /healthz "
-                        "and /readyz stay open. Prefer the variable: a flag shows in the process list")
+                   help="require KEY (any UTF-8 text) on every /v1 route (header X-API-Key or Authorization: Bearer "
+                        "KEY); default: the HEMASEG_API_KEY environment variable, else no key; an empty key is "
+                        "refused. The page, /healthz and /readyz stay open. Prefer the variable: a flag shows in "
+                        "the process list")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
                    help="largest upload accepted, in MiB; larger ones get 413 (default 20)")
     p.add_argument("--max-pixels", type=int, default=16_000_000, metavar="N",
                    help="largest image accepted, width x height, checked before decoding; larger ones get 413 "
                         "(default 16000000)")
     p.add_argument("--keep-uploads", metavar="DIR",
-                   help="save every upload to DIR as REQUEST_ID.EXT (off by default: nothing is written to disk; "
-                        "these files may hold patient data)")
-    p.add_argument("--threshold", type=float, help="default probability threshold (default: the run's); "
-                                                   "requests may override it with ?threshold=")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+                   help="save every upload to DIR under an id the server makes (logged with the request id); off "
+                        "by default: nothing is written to disk. These files may hold patient data")
     _add_inference_flags(p)
-    _add_backend_flag(p)
     return parser
 
 
-def _train_config(args: argparse.Namespace):
-    from .config import RunConfig
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """The training settings the user gave as flags (None = not given: the preset or config decides)."""
+    from hemaseg.config import SETTINGS
 
-    from .plan import describe, fingerprint_stats, make_plan
-    from .predict import select_device
+    given = {k: v for k, v in vars(args).items() if k in SETTINGS and v is not None}
+    if getattr(args, "augment", None) is False:
+        given["augment"] = False
+    return given
 
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
-    plan = None
-    if not args.config:  # a preset adapted to the data; a config file is taken as it is
-        if not Path(args.data).is_dir():
-            raise FileNotFoundError(f"{args.data}: no such dataset folder")
-        device = select_device(args.device or "auto").type
-        plan = make_plan(args.preset, fingerprint_stats(args.data), device)
-        base = {k: plan[k] for k in ("data", "model", "augment", "train")}
-    sections: dict[str, dict] = {s: dict(base.get(s, {})) for s in ("data", "model", "augment", "train")}
-    owners = {
-        "data": ("size", "normalize", "val_fraction", "split_seed", "split_file", "groups_file", "mask_threshold"),
-        "model": ("arch", "base_width", "depth", "norm"),
-        "train": ("epochs", "budget_minutes", "batch_size", "loss", "lr", "weight_decay", "warmup_epochs", "seed",
-                  "device", "num_workers", "precision", "threshold"),
-    }
-    for section, keys in owners.items():
-        for key in keys:
-            value = getattr(args, key)
-            if value is not None:
-                sections[section][key] = value
-    if sections["model"].get("arch") is None and any(k in sections["model"] for k in ("base_width", "depth", "norm")):
-        sections["model"]["arch"] = "unet"
-    if args.no_augment:
-        sections["augment"] = {k: 0.0 for k in ("hflip", "vflip", "affine_p", "gamma_p", "contrast_p", "blur_p",
-                                                 "noise_p", "speckle_p")}
-    sections["data"]["root"] = str(args.data)
-    config = RunConfig.from_dict({**sections, "plan": plan})
-    if plan is not None:
-        log.info(describe(plan))
-    return config
+
+def _configure(args: argparse.Namespace):
+    from hemaseg.training.train import configure
+
+    base = None
+    if args.config:
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{args.config}: not a readable config.json ({e})") from None
+    return configure(args.data, args.preset, _train_overrides(args), base, progress=not args.quiet)
+
+
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers")  # settings a resume may set; the rest are the run's
 
 
 def cmd_synth(args) -> int:
-    from .synth import write_synthetic_dataset
+    from hemaseg.data.synth import write_synthetic_dataset
 
     t = time.perf_counter()
     out = write_synthetic_dataset(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet)
@@ -268,73 +317,107 @@ def cmd_synth(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .data import check_dataset
+    from hemaseg.config import DataConfig
+    from hemaseg.data.dataset import check_dataset
 
-    report = check_dataset(args.data, mask_threshold=args.mask_threshold, progress=not args.quiet)
+    report = check_dataset(args.data, mask_threshold=args.mask_threshold, progress=not args.quiet,
+                           max_pixels=args.max_pixels or DataConfig.max_pixels)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
 
 def cmd_train(args) -> int:
-    from .config import RunConfig
-    from .train import fit
+    from hemaseg.training.train import fit, resumed_config
 
     if args.resume:
+        others = sorted(flag(k) for k in _train_overrides(args) if k not in RESUME_MAY_CHANGE)
+        if others or args.config or args.out or args.overwrite:
+            given = others + [f for f, v in (("--config", args.config), ("--out", args.out),
+                                              ("--overwrite", args.overwrite)) if v]
+            raise ValueError(f"--resume continues {args.resume} with its own settings; drop {', '.join(given)} "
+                             "(only --epochs, --device, --num-workers and DATA, for data that moved, may be given)")
         run = Path(args.resume)
         if not (run / "config.json").is_file():
             raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
-        cfg = RunConfig.load(run / "config.json")
-        if args.epochs is not None:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=args.epochs))
-        summary = fit(cfg, run, resume=True, progress=not args.quiet)
+        cfg = resumed_config(run, args.data)
+        changes = {k: getattr(args, k) for k in ("device", "num_workers") if getattr(args, k) is not None}
+        if changes:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+        summary = fit(cfg, run, resume=True, progress=not args.quiet, epochs=args.epochs,
+                      allow_changed_data=args.allow_changed_data)
     else:
         if not args.data or not args.out:
             raise ValueError("train needs DATA and --out RUN (or --resume RUN)")
-        summary = fit(_train_config(args), args.out, progress=not args.quiet)
+        if args.allow_changed_data:
+            raise ValueError("--allow-changed-data only applies to --resume")
+        cfg, data = _configure(args)
+        summary = fit(cfg, args.out, progress=not args.quiet, dataset=data, overwrite=args.overwrite)
     print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
-          f"of {summary['epochs']} ({summary['train_s']:.0f} s); run written to {summary['run']}")
+          f"of {summary['epochs']} ({summary['train_s']:.0f} s, {summary['images_seen']} images seen); "
+          f"run written to {summary['run']}")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, format_summary, run_split_names, write_report
-    from .predict import load_model
+def _load(args, run=None):
+    from hemaseg.inference.predictor import load_model
 
-    predictor = load_model(args.run, device=args.device, threshold=args.threshold, tta=args.tta,
-                           postprocess=not args.no_postprocess, backend=args.backend)
+    return load_model(run or args.run, device=args.device, threshold=args.threshold, tta=args.tta,
+                      postprocess=not args.no_postprocess, backend=args.backend)
+
+
+def cmd_evaluate(args) -> int:
+    from hemaseg.config import DataConfig
+    from hemaseg.evaluation.evaluate import evaluate, format_summary, run_split_names, write_report
+
     names = None
     if args.split != "all":
         names = run_split_names(args.run, args.split)
         if names is None:
             raise FileNotFoundError(f"{args.run}/splits.json: needed for --split {args.split}")
+    predictor = _load(args)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir / "eval"
     result = evaluate(predictor, args.data, out, names=names, mask_threshold=args.mask_threshold,
-                      progress=not args.quiet, keep_masks=True)
+                      progress=not args.quiet, keep_masks=True, fail_fast=args.fail_fast,
+                      max_pixels=args.max_pixels or DataConfig.max_pixels)
     for row in result["rows"]:
         row["needs_review"] = predictor.needs_review(row["confidence"])
     report = write_report(out / "report.html", f"Evaluation of {run_dir} on {args.data} ({args.split})",
                           result["rows"], result["summary"], run_dir=run_dir)
-    print(f"evaluation of {predictor.metadata['checkpoint']} on {args.data} ({args.split}):")
+    print(f"evaluation of {predictor.metadata['checkpoint']} on {args.data} ({args.split}; backend "
+          f"{predictor.backend}):")
     print(format_summary(result["summary"]))
     print(f"per-image metrics: {out / 'per_image.csv'}; summary: {out / 'summary.json'}; report: {report}")
+    if result["errors"]:
+        print(f"{len(result['errors'])} pair(s) could not be read and were skipped: {out / 'errors.csv'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .predict import load_model, predict_files
+    from hemaseg.config import DataConfig
+    from hemaseg.inference.files import collect_inputs, predict_files
 
-    predictor = load_model(args.run, device=args.device, threshold=args.threshold, tta=args.tta,
-                           postprocess=not args.no_postprocess, backend=args.backend)
-    rows = predict_files(predictor, args.inputs, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
-                         progress=not args.quiet)
-    found = sum(r["n_lesions"] > 0 for r in rows)
-    print(f"segmented {len(rows)} image(s), {found} with a lesion; masks, overlays and predictions.csv in {args.out}")
+    if not Path(args.run).exists():
+        raise FileNotFoundError(f"{args.run}: no such run folder or checkpoint")
+    collect_inputs(args.inputs)  # a wrong argument fails before the model loads and before --out exists
+    predictor = _load(args)
+    result = predict_files(predictor, args.inputs, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
+                           progress=not args.quiet, fail_fast=args.fail_fast,
+                           max_pixels=args.max_pixels or DataConfig.max_pixels)
+    found = sum(r["n_lesions"] > 0 for r in result.rows)
+    print(f"segmented {len(result.rows)} image(s), {found} with a lesion (backend {predictor.backend}); masks, "
+          f"overlays and predictions.csv in {args.out}")
+    if result.errors:
+        print(f"{len(result.errors)} image(s) could not be read and were skipped: {Path(args.out) / 'errors.csv'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
+    from hemaseg.inference.export import export_onnx
 
     result = export_onnx(args.run, args.out, opset=args.opset)
     print(f"wrote {result.path} ({result.n_bytes / 1e6:.1f} MB); onnxruntime vs torch max abs diff on logits "
@@ -343,12 +426,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from .cv import run_cv
+    from hemaseg.training.cv import run_cv
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    result = run_cv(_train_config(args), args.out, folds=args.folds, seed=args.fold_seed, progress=not args.quiet,
-                    jobs=args.jobs)
+    cfg, data = _configure(args)
+    result = run_cv(cfg, args.out, folds=args.folds, seed=args.fold_seed, progress=not args.quiet,
+                    jobs=args.jobs, dataset=data)
     s = result["summary"]
     print(f"out-of-fold Dice: plain {s['oof_dice_plain']:.4f}, TTA {s['oof_dice_tta']:.4f}, "
           f"final ({s['inference']} + postprocessing) {s['oof_dice_final']:.4f}; per fold "
@@ -359,17 +443,13 @@ def cmd_cv(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .config import RunConfig
+    from hemaseg.config import RunConfig
 
     run = Path(args.run)
     if (run / "folds.json").is_file():
-        from .cv import run_cv
+        from hemaseg.training.cv import write_cv_report
 
-        cfg = RunConfig.load(run / "fold_0" / "config.json")
-        if args.data:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data))
-        folds = json.loads((run / "folds.json").read_text())
-        run_cv(cfg, run, folds=folds["n_folds"], seed=folds["seed"], progress=not args.quiet)
+        write_cv_report(run, args.data)
     else:
         if not (run / "config.json").is_file():
             raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
@@ -378,13 +458,15 @@ def cmd_report(args) -> int:
                                         "--device", args.device])
         ns.quiet = args.quiet
         cmd_evaluate(ns)
-        (run / "report.html").write_bytes((run / "eval" / "report.html").read_bytes())
+        from hemaseg.io import atomic_write_bytes
+
+        atomic_write_bytes(run / "report.html", (run / "eval" / "report.html").read_bytes())
     print(f"report: {run / 'report.html'}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from hemaseg.demo import run_demo
 
     paths = run_demo(args.out, n=args.n, n_test=args.n_test, size=args.size, epochs=args.epochs, seed=args.seed,
                      budget_minutes=None if args.epochs else args.budget_minutes, progress=not args.quiet)
@@ -397,9 +479,9 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .serve import Settings, create_app
+    from hemaseg.serve import Settings, create_app
 
-    api_key = args.api_key or os.environ.get("HEMASEG_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("HEMASEG_API_KEY")
     settings = Settings(
         api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
         keep_uploads=Path(args.keep_uploads) if args.keep_uploads else None, workers=args.workers,
@@ -421,23 +503,55 @@ COMMANDS = {"synth": cmd_synth, "check": cmd_check, "train": cmd_train, "evaluat
             "export": cmd_export, "serve": cmd_serve}
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception, if any (torch wraps a failed write in a RuntimeError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def error_line(command: str, e: BaseException) -> tuple[str, int]:
+    """(one line for the user, exit code) for an exception that reached the CLI."""
+    from hemaseg.config import ConfigError
+
+    if isinstance(e, ConfigError):
+        return f"{flag(e.key)} {e.problem}", 2
+    os_error = _os_error(e)
+    if os_error is not None and not isinstance(os_error, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        where = os_error.filename or ""
+        what = os_error.strerror or str(os_error)
+        if os_error.errno == errno.ENOSPC:
+            what += " (free some space; finished outputs are kept, a training run can be resumed)"
+        return (f"{where}: {what}" if where else what), 3
+    if isinstance(e, ValueError | FileNotFoundError | NotADirectoryError | IsADirectoryError | KeyError):
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return text, 2
+    return f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with --debug for the traceback)", 4
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("HEMASEG_DEBUG", "") not in ("", "0")
     # Before any command imports torch: idle OpenMP threads sleep instead of spinning. On a shared CPU the
     # spinning threads of two busy processes starve each other (10-50x slower inference and training,
     # benchmarks/speed.py); on an idle CPU sleeping costs nothing measurable. An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from .data import DataError
-
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"hemaseg {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"hemaseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line and a documented exit code
+        if debug:
+            raise
+        line, code = error_line(args.command, e)
+        print(f"hemaseg {args.command}: error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -6,12 +6,17 @@ import json
 import time
 from pathlib import Path
 
-from .config import DataConfig, RunConfig, TrainConfig
-from .checkpoint import atomic_write_text
-from .evaluate import evaluate, json_safe, write_report
-from .predict import load_model, predict_files
-from .synth import write_synthetic_dataset
-from .train import fit
+from hemaseg.data.synth import write_synthetic_dataset
+from hemaseg.evaluation.evaluate import evaluate, write_report
+from hemaseg.inference.files import predict_files
+from hemaseg.inference.predictor import load_model
+from hemaseg.io import atomic_write_text, json_safe
+from hemaseg.training.train import configure, fit
+
+# On the synthetic set (128 px, 3 minutes) the `seed` preset's batch 8 at lr 3e-3 scored higher than
+# `default`'s batch 4 at 1e-2 (held-out Dice 0.419 vs 0.306, fp32; benchmarks/recipe.py), so the demo
+# trains the `seed` preset, resolved like any other run.
+DEMO_PRESET = "seed"
 
 
 def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, epochs: int | None = None,
@@ -22,10 +27,10 @@ def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, e
     t0 = time.perf_counter()
     data = write_synthetic_dataset(out / "data", n, size=size, seed=seed, progress=progress)
     test = write_synthetic_dataset(out / "test", n_test, size=size, seed=seed + 10_000, progress=progress)
-    cfg = RunConfig(data=DataConfig(root=str(data), size=size),
-                    train=TrainConfig(epochs=epochs or 1, seed=seed, budget_minutes=budget_minutes, precision=precision))
+    cfg, loaded = configure(data, DEMO_PRESET, {"size": size, "seed": seed, "epochs": epochs or 1,
+                                                "budget_minutes": budget_minutes, "precision": precision})
     run = out / "run"
-    train_summary = fit(cfg, run, progress=progress)
+    train_summary = fit(cfg, run, progress=progress, dataset=loaded, overwrite=True)  # a rerun replaces the demo
     predictor = load_model(run)
     result = evaluate(predictor, test, out / "eval", progress=progress, keep_masks=True)
     sample_inputs = sorted((test / "images").iterdir(), key=lambda p: int(p.stem))[:8]

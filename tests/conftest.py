@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hemaseg.config import DataConfig, RunConfig, TrainConfig
-from hemaseg.synth import write_synthetic_dataset
+from hemaseg.config import RunConfig, resolve_config
+from hemaseg.data.synth import write_synthetic_dataset
 
 # The test tensors are tiny: splitting each op across cores costs more in OpenMP fork/join than it
 # saves, and on a busy 2-core machine oversubscribed threads slow the suite several-fold.
@@ -23,14 +23,14 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", 16, size=64, seed=3, progress=False)
 
 
-def tiny_config(root: Path, epochs: int = 2, **train) -> RunConfig:
-    return RunConfig(data=DataConfig(root=str(root), size=32),
-                     train=TrainConfig(epochs=epochs, batch_size=4, **train))
+def tiny_config(root: Path, epochs: int = 2, **overrides) -> RunConfig:
+    """The `seed` preset at 32 px, batch 4, resolved like every run's config."""
+    return resolve_config(root, "seed", None, "cpu", {"size": 32, "epochs": epochs, "batch_size": 4, **overrides})
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
-    from hemaseg.train import fit
+    from hemaseg.training.train import fit
 
     out = tmp_path_factory.mktemp("run") / "run"
     fit(tiny_config(tiny_data), out, progress=False)

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 import hemaseg
-from hemaseg.backends import BACKENDS, bf16_supported, fuse_conv_bn, make_backend
-from hemaseg.cli import build_parser
-from hemaseg.models import ModelConfig, build_model
+from hemaseg.config import BACKENDS, ModelConfig
+from hemaseg.device import bf16_supported
+from hemaseg.inference.backends import PARITY_ATOL, auto_candidates, choose_backend, make_backend
+from hemaseg.models.fusion import randomize_batchnorm
+from hemaseg.models import build_model
 
 # logits tolerances against eager fp32: fp32 backends differ only in summation order; bf16 keeps 8 bits
 FP32_ATOL = 1e-4
@@ -15,14 +17,7 @@ BF16_ATOL = 0.15
 def _trained_like_model() -> torch.nn.Module:
     """The seed network with non-trivial BN statistics, so folding them is really exercised."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig()).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-    return model
+    return randomize_batchnorm(build_model(ModelConfig())).eval()
 
 
 def _backend_names() -> list[str]:
@@ -42,22 +37,9 @@ def test_every_backend_matches_eager_fp32(name):
     assert diff <= (BF16_ATOL if name == "torch-bf16" else FP32_ATOL), diff
 
 
-def test_folding_leaves_the_original_model_alone():
-    model = _trained_like_model()
-    fused = fuse_conv_bn(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 22  # 9 blocks x 2 + 4 ups
-
-
 def test_unknown_backend_lists_the_valid_names():
     with pytest.raises(ValueError, match="torch-fast"):
         make_backend(_trained_like_model(), "tensorrt")
-
-
-def test_cli_backend_choices_are_the_registry():
-    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
-                  if a.dest == "backend")
-    assert action.choices == list(BACKENDS) and action.default == "torch"
 
 
 @pytest.mark.parametrize("name", ["torch-fast", "onnxruntime"])
@@ -67,3 +49,32 @@ def test_predictor_backends_give_the_torch_masks(tiny_run, name):
     got = hemaseg.load_model(tiny_run, device="cpu", backend=name).predict(image)
     np.testing.assert_allclose(got.prob, ref.prob, atol=1e-5)
     assert (got.mask != ref.mask).mean() <= 1e-3
+
+
+def test_auto_picks_the_fastest_backend_that_matches_eager_and_records_why():
+    model = _trained_like_model()
+    name, backend, record = choose_backend(model, torch.device("cpu"), 64)
+    assert name in auto_candidates(torch.device("cpu")) and name != "torch-bf16"
+    assert set(record["ms"]) <= set(auto_candidates(torch.device("cpu"))) and name == min(record["ms"], key=record["ms"].get)
+    assert all(d <= PARITY_ATOL for n, d in record["max_abs_diff"].items() if n in record["ms"])
+    x = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(backend(x), model(x), atol=FP32_ATOL, rtol=0)
+
+
+def test_auto_never_chooses_a_backend_that_fails_parity(monkeypatch):
+    import hemaseg.inference.backends as backends
+
+    class Wrong:
+        def __call__(self, x):
+            return torch.full_like(x, 5.0)
+
+    real = backends.make_backend
+    monkeypatch.setattr(backends, "make_backend", lambda m, n, d="cpu": Wrong() if n == "torch-fast" else real(m, n, d))
+    name, _, record = choose_backend(_trained_like_model(), torch.device("cpu"), 32)
+    assert name != "torch-fast" and "parity" in record["skipped"]["torch-fast"]
+
+
+def test_the_default_predictor_runs_auto_and_says_what_it_chose(tiny_run):
+    model = hemaseg.load_model(tiny_run, device="cpu")
+    assert model.backend in auto_candidates(torch.device("cpu")) and "backend_auto" in model.metadata

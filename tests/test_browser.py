@@ -50,7 +50,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tiny_run):
     uvicorn = pytest.importorskip("uvicorn")
-    from hemaseg.predict import load_model
+    from hemaseg.inference.predictor import load_model
     from hemaseg.serve import Settings, create_app
 
     app = create_app(load_model(tiny_run, device="cpu"), Settings())
@@ -73,7 +73,7 @@ def server(tiny_run):
 @pytest.fixture(scope="module")
 def scan_file(tmp_path_factory) -> Path:
     """A 256 x 256 synthetic scan with a lesion in it."""
-    from hemaseg.synth import synth_scan
+    from hemaseg.data.synth import synth_scan
 
     for seed in range(20):
         image, mask = synth_scan(np.random.default_rng(seed), 256)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from hemaseg.cli import build_parser, main
+from hemaseg.config import BACKENDS
 
 COMMANDS = ["synth", "check", "train", "evaluate", "predict", "demo"]
 
@@ -122,4 +123,10 @@ def test_presets_are_adapted_to_the_data_and_stored(tiny_data, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["plan"]["preset"] == "large" and config["model"]["base_width"] == 32
     assert config["data"]["size"] == 64  # capped at the scans' own 64 px instead of the preset's 384
-    assert config["plan"]["fingerprint"]["n_pairs"] == 16
+    assert config["plan"]["stats"]["n_pairs"] == 16
+
+
+def test_cli_backend_choices_are_the_registry():
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
+                  if a.dest == "backend")
+    assert action.choices == list(BACKENDS) and action.default == "auto"

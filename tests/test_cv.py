@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 import hemaseg
-from hemaseg.cv import choose_review_threshold, make_folds, run_cv
+from hemaseg.training.cv import choose_review_threshold, make_folds, run_cv
 
 from .conftest import tiny_config
 
@@ -60,8 +60,8 @@ def test_review_threshold_flags_low_confidence_low_dice_cases():
 def test_parallel_folds_train_the_same_models_as_sequential_ones(tiny_data, tmp_path):
     import torch
 
-    from hemaseg.checkpoint import load_checkpoint
-    from hemaseg.cv import make_folds, train_folds
+    from hemaseg.models.checkpoint import load_checkpoint
+    from hemaseg.training.cv import make_folds, train_folds
 
     cfg = tiny_config(tiny_data, epochs=1)
     for name, jobs in (("seq", 1), ("par", 2)):
@@ -80,7 +80,7 @@ def test_a_failing_parallel_fold_is_reported_by_number(tiny_data, tmp_path):
 
     import pytest
 
-    from hemaseg.cv import make_folds, train_folds
+    from hemaseg.training.cv import make_folds, train_folds
 
     cfg = tiny_config(tiny_data, epochs=1)
     split = make_folds(cfg, tmp_path, 2, seed=0)

@@ -1,4 +1,4 @@
-"""Tests for hemaseg.data on tiny datasets built in tmp_path (plus real-data checks behind a marker)."""
+"""Tests for hemaseg.data.dataset on tiny datasets built in tmp_path (plus real-data checks behind a marker)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemaseg import data
-from hemaseg.data import (
-    DataError,
+from hemaseg.data.dataset import (
     Sample,
     check_dataset,
     dataset_fingerprint,
@@ -24,12 +22,13 @@ from hemaseg.data import (
     kfold_split,
     load_sample,
     load_split,
+    natural_sorted,
     read_groups,
-    read_image,
     read_mask,
     save_split,
     split_train_val,
 )
+from hemaseg.data.images import DataError, read_image
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -396,7 +395,7 @@ def test_split_deterministic_disjoint_complete():
     assert split != split_train_val(NAMES, 0.2, seed=4)
     assert len(split["val"]) == 10 and not set(split["train"]) & set(split["val"])
     assert sorted(split["train"] + split["val"]) == sorted(NAMES)
-    assert split["val"] == data.natural_sorted(split["val"])
+    assert split["val"] == natural_sorted(split["val"])
     tiny = split_train_val(["a", "b"], 0.2)
     assert len(tiny["train"]) == len(tiny["val"]) == 1
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ from PIL import Image
 
 import hemaseg
 from hemaseg.cli import main
-from hemaseg.export import export_onnx
+from hemaseg.inference.export import export_onnx
 
 
 @pytest.fixture(scope="module")

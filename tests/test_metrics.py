@@ -2,8 +2,8 @@ import math
 
 import numpy as np
 
-from hemaseg.evaluate import summarize
-from hemaseg.metrics import dice, iou
+from hemaseg.evaluation.evaluate import summarize
+from hemaseg.evaluation.metrics import dice, iou
 
 
 def test_dice_and_iou_against_hand_computed_values():
@@ -44,7 +44,7 @@ import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 
-from hemaseg.metrics import (  # noqa: E402
+from hemaseg.evaluation.metrics import (  # noqa: E402
     METRIC_KEYS,
     assd,
     bootstrap_ci,

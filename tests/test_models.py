@@ -3,7 +3,9 @@ import sys
 import pytest
 import torch
 
-from hemaseg.models import MODELS, ModelConfig, UNet, build_model, count_parameters
+from hemaseg.config import ModelConfig
+from hemaseg.models import MODELS, build_model, count_parameters
+from hemaseg.models.unet import UNet
 
 from .conftest import SHARED_DATA
 

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from hemaseg.config import RunConfig
-from hemaseg.postprocess import (
+from hemaseg.inference.postprocess import (
     PostprocessPlan,
     apply_plan,
     confidence,
@@ -11,7 +11,15 @@ from hemaseg.postprocess import (
     keep_largest,
     remove_small,
 )
-from hemaseg.predict import Predictor, forward_probs
+from hemaseg.data.transforms import letterbox_geometry
+from hemaseg.inference.predictor import Predictor, predict_boxed
+
+
+def forward_probs(models, batch, flips=()):
+    """predict_boxed on square inputs that need no letterbox: (N, S, S) -> (N, S, S) probabilities."""
+    models = models if isinstance(models, list) else [models]
+    boxes = [letterbox_geometry(batch.shape[1], batch.shape[2], batch.shape[1])] * len(batch)
+    return torch.from_numpy(np.stack(predict_boxed(models, batch, boxes, flips)))
 
 
 def _blobs():
@@ -69,11 +77,11 @@ def test_tta_is_invariant_on_a_symmetric_input_with_a_symmetric_model():
         conv.weight.copy_(k[None, None])
     img = torch.rand(16, 16)
     img = (img + img.flip(0) + img.flip(1) + img.flip(0).flip(1)).numpy()[None] / 4
-    plain = forward_probs(conv, img, torch.device("cpu"))
-    tta = forward_probs(conv, img, torch.device("cpu"), tta=True)
+    plain = forward_probs(conv, img)
+    tta = forward_probs(conv, img, [(-1,), (-2,)])
     torch.testing.assert_close(plain, tta)
     lop = _Lopsided()
-    a, b = forward_probs(lop, img, torch.device("cpu")), forward_probs(lop, img, torch.device("cpu"), tta=True)
+    a, b = forward_probs(lop, img), forward_probs(lop, img, [(-1,)])
     assert not torch.allclose(a, b)
 
 
@@ -87,10 +95,10 @@ def test_ensemble_averages_probabilities():
             return torch.full_like(x, self.logit)
 
     x = np.zeros((2, 16, 16), np.float32)
-    p = forward_probs([Const(2.0), Const(-1.0)], x, torch.device("cpu"))
+    p = forward_probs([Const(2.0), Const(-1.0)], x)
     expected = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2
     torch.testing.assert_close(p, torch.full((2, 16, 16), expected.item()))
-    predictor = Predictor([Const(2.0), Const(-1.0)], RunConfig(), device="cpu")
+    predictor = Predictor([Const(2.0), Const(-1.0)], RunConfig(), device="cpu", backend="torch")
     prob = predictor.predict(np.zeros((20, 30), np.uint8)).prob
     assert prob.shape == (20, 30) and np.allclose(prob, expected.item(), atol=1e-6)
 
@@ -98,9 +106,9 @@ def test_ensemble_averages_probabilities():
 def test_tta_uses_only_the_flips_seen_in_training():
     import dataclasses
 
-    from hemaseg.transforms import AugmentConfig
+    from hemaseg.config import AugmentConfig
 
-    default = Predictor(torch.nn.Identity(), RunConfig(), device="cpu", tta=True)
+    default = Predictor(torch.nn.Identity(), RunConfig(), device="cpu", tta=True, backend="torch")
     assert default.tta_flips == [(-1,)]  # ultrasound: no vertical flip unless trained with one
     both = RunConfig(augment=dataclasses.replace(AugmentConfig(), vflip=0.5))
-    assert Predictor(torch.nn.Identity(), both, device="cpu", tta=True).tta_flips == [(-1,), (-2,)]
+    assert Predictor(torch.nn.Identity(), both, device="cpu", tta=True, backend="torch").tta_flips == [(-1,), (-2,)]

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from hemaseg.metrics import per_image_metrics, summarize_metrics
-from hemaseg.report import case_overlay, overlay_contours, write_run_report
+from hemaseg.evaluation.metrics import per_image_metrics, summarize_metrics
+from hemaseg.evaluation.report import case_overlay, overlay_contours, write_run_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 

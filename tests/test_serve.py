@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from hemaseg.data import read_image
-from hemaseg.predict import load_model
+from hemaseg.data.images import read_image
+from hemaseg.inference.predictor import load_model
+from hemaseg.measure.lesions import count_lesions
 from hemaseg.serve import Settings, create_app
 
 
@@ -32,8 +32,8 @@ def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> byte
     return buf.getvalue()
 
 
-def post(client, data: bytes, name: str = "scan.png", ctype: str = "image/png", **params):
-    return client.post("/v1/segment", params=params, files={"file": (name, data, ctype)})
+def post(client, data: bytes, name: str = "scan.png", ctype: str = "image/png", headers=None, **params):
+    return client.post("/v1/segment", params=params, files={"file": (name, data, ctype)}, headers=headers)
 
 
 def assert_error(response, status: int, code: str) -> None:
@@ -110,7 +110,7 @@ def test_segment_geometry_matches_the_mask(client, predictor, scan, scan_path):
     np.testing.assert_array_equal(mask, predictor.to_mask(prob, thr))  # same as `hemaseg predict`
     assert body["area_px"] == int(mask.sum()) > 0
     assert body["area_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
-    assert body["n_lesions"] == ndimage.label(mask)[1] == len(body["lesions"])
+    assert body["n_lesions"] == count_lesions(mask) == len(body["lesions"])
     assert sum(les["area_px"] for les in body["lesions"]) == body["area_px"]
     rows, cols = np.nonzero(mask)
     assert body["bbox"] == {"x": cols.min(), "y": rows.min(), "width": cols.max() - cols.min() + 1,
@@ -317,16 +317,22 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
     assert r.status_code == 200, r.text
 
 
-def test_keep_uploads_stores_by_request_id_only(predictor, scan, tmp_path):
+def test_keep_uploads_are_named_by_the_server_never_by_the_client(predictor, scan, tmp_path, caplog):
     c = make_client(predictor, keep_uploads=tmp_path / "kept")
+    other = scan[:-12] + b"\x00" * 12  # another client's upload
     try:
-        r = post(c, scan, name="Jane_Doe_1970.png")
-        bad = post(c, b"not an image", name="Jane_Doe_1970.png")
+        with caplog.at_level(logging.INFO, logger="hemaseg.serve"):
+            r = post(c, scan, name="Jane_Doe_1970.png", headers={"X-Request-ID": "same-id"})
+            r2 = post(c, other, name="Jane_Doe_1970.png", headers={"X-Request-ID": "same-id"})
+            bad = post(c, b"not an image", name="Jane_Doe_1970.png")
     finally:
         c.__exit__(None, None, None)
-    kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
-    assert kept == sorted([f"{r.json()['request_id']}.png", f"{bad.headers['x-request-id']}.bin"])
-    assert (tmp_path / "kept" / f"{r.json()['request_id']}.png").read_bytes() == scan
+    kept = sorted((tmp_path / "kept").iterdir())
+    assert len(kept) == 3 and sorted(p.suffix for p in kept) == [".bin", ".png", ".png"]
+    assert sorted(p.read_bytes() for p in kept if p.suffix == ".png") == sorted([scan, other])  # nothing overwritten
+    assert not any("same-id" in p.name or "Jane" in p.name for p in kept)
+    assert r.status_code == 200 and r2.status_code == 200 and bad.status_code == 415
+    assert all(f"upload kept as {p.name}" in caplog.text for p in kept)  # the log ties a file to its request
 
 
 def test_logs_carry_request_id_and_sizes_but_no_names(client, scan, caplog):

@@ -10,7 +10,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from hemaseg.predict import load_model
+from hemaseg.inference.predictor import load_model
 from hemaseg.serve import Settings, create_app
 
 OPERATIONS = ["POST /v1/segment", "GET /v1/model", "GET /healthz", "GET /readyz"]

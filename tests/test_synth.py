@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage, stats
 
-from hemaseg.synth import SynthConfig, speckle_envelope, synth_scan, write_synthetic_dataset
+from hemaseg.data.synth import SynthConfig, speckle_envelope, synth_scan, write_synthetic_dataset
 
 RAYLEIGH_SNR = float(np.sqrt(np.pi / (4 - np.pi)))  # mean/std of a Rayleigh variable, 1.913
 LINEAR = SynthConfig(p_sector=0.0)

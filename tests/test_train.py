@@ -4,10 +4,10 @@ import time
 import pytest
 import torch
 
-from hemaseg.checkpoint import load_checkpoint
+from hemaseg.models.checkpoint import load_checkpoint
 from hemaseg.config import TrainConfig
-from hemaseg.data import load_split
-from hemaseg.train import fit, lr_factor
+from hemaseg.data.dataset import load_split
+from hemaseg.training.train import fit, lr_factor
 
 from .conftest import tiny_config
 
@@ -89,7 +89,7 @@ def test_groups_from_the_manifest_never_span_train_and_val(tiny_data, tmp_path):
 
 
 def test_precision_is_validated_and_bf16_trains_where_native(tiny_data, tmp_path):
-    from hemaseg.backends import bf16_supported
+    from hemaseg.device import bf16_supported
     from hemaseg.config import TrainConfig
 
     with pytest.raises(ValueError, match="precision"):
@@ -103,7 +103,7 @@ def test_precision_is_validated_and_bf16_trains_where_native(tiny_data, tmp_path
 def test_single_threaded_batches_match_the_loader_and_restore_threads():
     from torch.utils.data import DataLoader
 
-    from hemaseg.train import single_threaded_batches
+    from hemaseg.training.train import single_threaded_batches
 
     loader = DataLoader(torch.arange(10.0), batch_size=4)
     threads = torch.get_num_threads()
@@ -120,12 +120,9 @@ def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tm
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_checkpoints_are_flushed_at_most_once_a_period_but_always_at_the_end(tiny_data, tmp_path, monkeypatch):
-    import hemaseg.train as train
-
-    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 3600.0)
+def test_checkpoints_are_flushed_at_most_once_a_period_but_always_at_the_end(tiny_data, tmp_path):
     seen = []
-    fit(tiny_config(tiny_data, epochs=3), tmp_path / "run", progress=False,
+    fit(tiny_config(tiny_data, epochs=3, checkpoint_every_s=3600.0), tmp_path / "run", progress=False,
         on_epoch_end=lambda epoch, row: seen.append(load_checkpoint(tmp_path / "run" / "last.pt")["epoch"]))
     assert seen == [1, 1, 3]  # first epoch, then nothing until the last
     # best.pt, held in memory between flushes, is the best epoch of the whole run
@@ -135,22 +132,22 @@ def test_checkpoints_are_flushed_at_most_once_a_period_but_always_at_the_end(tin
 
 
 def test_loader_workers_default_to_none_on_the_cpu_and_some_on_cuda():
-    from hemaseg.train import loader_workers
+    from hemaseg.training.train import loader_workers
 
     assert loader_workers(None, torch.device("cpu")) == 0
     assert 1 <= loader_workers(None, torch.device("cuda")) <= 4
     assert loader_workers(3, torch.device("cpu")) == 3  # an explicit choice wins
-    with pytest.raises(ValueError, match="--num-workers"):
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
         TrainConfig(num_workers=-1)
 
 
 def test_auto_precision_uses_bf16_exactly_where_it_is_native_and_records_it(tiny_data, tmp_path):
-    from hemaseg.backends import bf16_supported
-    from hemaseg.train import use_bf16
+    from hemaseg.device import bf16_supported
+    from hemaseg.training.train import use_bf16
 
     cpu = torch.device("cpu")
-    assert use_bf16("auto", True, cpu) == bf16_supported(cpu)
-    assert use_bf16("auto", False, cpu) is False and use_bf16("fp32", True, cpu) is False
+    assert use_bf16("auto", cpu) == bf16_supported(cpu)
+    assert use_bf16("fp32", cpu) is False
     fit(tiny_config(tiny_data, epochs=1), tmp_path / "run", progress=False)
     meta = json.loads((tmp_path / "run" / "config.json").read_text())["meta"]
     assert meta["bf16_autocast"] == bf16_supported(cpu)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from hemaseg.transforms import (
+from hemaseg.data.transforms import (
     AugmentConfig,
     augment,
     build_augmentation,

@@ -15,15 +15,12 @@ import asyncio
 import base64
 import dataclasses
 import hmac
-import io
 import logging
-import math
 import queue
 import re
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -37,18 +34,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .. import __version__
-from ..checkpoint import atomic_write_bytes
-from ..data import pil_to_gray_float
-from ..geometry import find_lesions
-from ..predict import Prediction, Predictor, load_model
-from ..report import overlay_contours, png_bytes
+from hemaseg import __version__
+from hemaseg.data.images import DataError, Decoded, decode_image
+from hemaseg.evaluation.report import overlay_contours
+from hemaseg.inference.predictor import Predictor, load_model
+from hemaseg.io import atomic_write_bytes, json_safe, png_bytes
+from hemaseg.measure.lesions import find_lesions
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +79,7 @@ class Settings:
     max_pending: int = 32  # requests in flight beyond this get 503 instead of queueing without bound
     device: str = "auto"
     threshold: float | None = None
-    backend: str = "torch"  # how the network runs (hemaseg.backends)
+    backend: str = "auto"  # how the network runs (config.BACKENDS)
     tta: bool = False
     postprocess: bool = True
 
@@ -97,7 +93,10 @@ class Settings:
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("--api-key is empty; give a key or leave the flag out")
+            raise ValueError("--api-key is empty (flag or HEMASEG_API_KEY); give a key, or leave both unset "
+                             "to serve without one")
+        if self.keep_uploads is not None and Path(self.keep_uploads).exists() and not Path(self.keep_uploads).is_dir():
+            raise ValueError(f"{self.keep_uploads}: --keep-uploads must name a folder, and this is a file")
 
 
 class ApiError(Exception):
@@ -181,6 +180,8 @@ class ModelReply(BaseModel):
     n_models: int = Field(description="models averaged (a cross-validation ensemble has one per fold)")
     tta: bool = Field(description="flip test-time augmentation on")
     backend: str = Field(description="how the network runs: torch, torch-fast, torch-bf16 or onnxruntime")
+    backend_auto: dict | None = Field(None, description="with backend auto: the candidates' measured ms per scan "
+                                                        "and parity errors that decided it")
     postprocessing: dict[str, Any] = Field(description="mask postprocessing steps the run chose")
 
 
@@ -203,54 +204,20 @@ _UPLOAD_BODY = {
 # --- decoding -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Decoded:
-    gray: np.ndarray  # float32 HxW in [0, 1]
-    format: str
-    mode: str
+_STATUS_OF = {"too_large": 413, "unsupported_type": 415}  # every other DataError code is 422
+_API_CODE = {"empty": "empty_file", "corrupt": "corrupt_image", "unreadable": "corrupt_image",
+             "too_large": "image_too_large"}
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Decoded:
-    """Image bytes -> gray float32 HxW in [0, 1], or an ApiError saying why not.
-
-    The format is recognised from the content (magic bytes), never from a name or a declared type; the
-    pixel count is checked from the header before decoding, which stops decompression bombs.
-    """
-    if not data:
-        raise ApiError(422, "empty_file", "The uploaded file is empty.")
+    """Image bytes -> Decoded(gray float32 HxW in [0, 1], format, mode) through the one decoder
+    (`data.images.decode_image`: format recognised from the content, pixel count checked from the header
+    before decoding), or an ApiError saying why not."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below is the guard
-            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        if data.startswith(_SIGNATURES):  # the right kind of file, but too broken for PIL to open
-            raise ApiError(422, "corrupt_image", "The image file is damaged or incomplete and cannot be "
-                                                 "read.") from None
-        raise ApiError(415, "unsupported_type",
-                       "The file is not an image hemaseg can read; send a PNG, JPEG, BMP or TIFF.") from None
-    except Image.DecompressionBombError:
-        raise ApiError(413, "image_too_large", f"The image has more than {max_pixels:,} pixels.") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for malformed headers
-        raise ApiError(422, "corrupt_image", f"The image file is damaged and cannot be read ({e}).") from None
-    with im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise ApiError(413, "image_too_large", f"The image is {width}x{height} = {width * height:,} pixels; "
-                                                   f"the limit is {max_pixels:,}.")
-        try:
-            im.load()
-        except Exception as e:  # noqa: BLE001 - truncated data raises OSError, broken chunks SyntaxError etc.
-            raise ApiError(422, "corrupt_image",
-                           f"The image file is damaged or incomplete and cannot be decoded ({e}).") from None
-        try:
-            gray = pil_to_gray_float(im, Path("upload"))
-        except Exception as e:  # noqa: BLE001 - e.g. LAB, which PIL cannot turn into gray
-            raise ApiError(422, "unsupported_mode",
-                           f"Image mode {im.mode} cannot be converted to gray ({e}); save it as 8-bit gray "
-                           f"or RGB.") from None
-        if not np.isfinite(gray).all():
-            raise ApiError(422, "corrupt_image", "The image holds NaN or infinite pixel values.")
-        return Decoded(gray, str(im.format), im.mode)
+        return decode_image(data, max_pixels, name="upload")
+    except DataError as e:
+        code = _API_CODE.get(e.code, e.code)
+        raise ApiError(_STATUS_OF.get(e.code, 422), code, e.problem[:1].upper() + e.problem[1:] + ".") from None
 
 
 # --- inference ------------------------------------------------------------------------------------------------
@@ -355,13 +322,17 @@ class Service:
             decoded = decode_upload(data, s.max_pixels)
         finally:
             if s.keep_uploads is not None:
+                # named by an id made here, never by anything the client sent: no client can overwrite
+                # another's kept upload; the log line ties it to the request id
                 suffix = {"JPEG": "jpg"}.get(decoded.format, decoded.format.lower()) if decoded else "bin"
-                atomic_write_bytes(s.keep_uploads / f"{request_id}.{suffix}", data)
+                kept = f"{uuid.uuid4().hex}.{suffix}"
+                atomic_write_bytes(Path(s.keep_uploads) / kept, data)
+                log.info("request %s upload kept as %s", request_id, kept)
         gray = decoded.gray
         t_decoded = time.perf_counter()
         prob = self.probabilities(gray)
         t_inferred = time.perf_counter()
-        pred = Prediction(prob, self.predictor.to_mask(prob, threshold))  # threshold + the run's postprocessing
+        pred = self.predictor.prediction(prob, threshold)  # threshold + the run's postprocessing
         mask = pred.mask
         h, w = mask.shape
         numbers = {"image": f"{w}x{h}", "decode_ms": (t_decoded - t_start) * 1000,
@@ -400,32 +371,18 @@ class Service:
         }, numbers
 
 
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null (a checkpoint's metrics may hold NaN, e.g. Dice of empty masks)."""
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return f if math.isfinite(f) else None
-
-
 def _model_info(predictor: Predictor) -> dict:
     cfg, meta = predictor.config, predictor.metadata
     model, plan = getattr(predictor, "model", None), getattr(predictor, "plan", None)
     params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
-    return _finite({
+    return json_safe({
         "name": cfg.model.arch, "architecture": dataclasses.asdict(cfg.model), "parameters": params,
         "version": meta.get("version"), "epoch": meta.get("epoch"), "data_fingerprint": meta.get("data_fingerprint"),
         "metrics": meta.get("metrics") or {}, "input_size": cfg.data.size, "normalize": cfg.data.normalize,
         "threshold": predictor.threshold, "device": str(predictor.device), "hemaseg_version": __version__,
         "n_models": meta.get("n_models", 1), "tta": bool(getattr(predictor, "tta", False)),
         "backend": str(getattr(predictor, "backend", "torch")),
+        "backend_auto": meta.get("backend_auto"),
         "postprocessing": dataclasses.asdict(plan) if dataclasses.is_dataclass(plan) else {},
     })
 
@@ -554,9 +511,17 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
                           token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if settings.api_key is None:
             return
-        expected = settings.api_key.encode()
+        # compared as bytes in constant time: HTTP headers arrive as latin-1 text, so their raw bytes are
+        # the client's UTF-8 bytes of any key, ASCII or not
+        expected = settings.api_key.encode("utf-8")
         for given in (key, token.credentials if token else None):
-            if given is not None and hmac.compare_digest(given.encode(), expected):
+            if given is None:
+                continue
+            try:
+                raw = given.encode("latin-1")
+            except UnicodeEncodeError:  # not from a header; compare its UTF-8 bytes
+                raw = given.encode("utf-8")
+            if hmac.compare_digest(raw, expected):
                 return
         raise ApiError(401, "unauthorized", "This service needs an API key: send it as the X-API-Key header "
                                             "or as Authorization: Bearer <key>.",

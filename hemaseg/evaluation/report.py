@@ -13,20 +13,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes
 
 PRED_COLOR = (255, 215, 0)  # yellow: the model's outline
 REF_COLOR = (0, 200, 255)  # cyan: the reference outline
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def save_png(path: str | Path, array: np.ndarray) -> None:
-    atomic_write_bytes(path, png_bytes(array))
 
 
 def contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:

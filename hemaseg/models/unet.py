@@ -1,4 +1,4 @@
-"""UNet models and the registry that builds them by name.
+"""The UNet, in the layout of the original write-up.
 
 The `seed` configuration reproduces the original write-up's network layer for layer (487,449
 parameters): two conv3x3-BN-ReLU per level, widths 8-16-32-64-128, max-pool down, 2x2 transposed
@@ -8,14 +8,11 @@ the sigmoid belongs to inference and to the loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORMS = ("batch", "instance", "group", "none")
+from hemaseg.config import NORMS
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -81,46 +78,3 @@ class UNet(nn.Module):
         for up, decoder in zip(self.ups, self.decoders):
             x = decoder(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)  # (N, 1, H, W) logits
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which network to build. `arch` names a registry entry; the other fields configure it."""
-
-    arch: str = "seed"
-    base_width: int = 8
-    depth: int = 4
-    norm: str = "batch"
-    in_channels: int = 1
-
-    def __post_init__(self) -> None:
-        if self.arch not in MODELS:
-            raise ValueError(f"unknown model {self.arch!r}; choose one of {', '.join(sorted(MODELS))}")
-        if self.norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        if self.base_width < 1 or not 1 <= self.depth <= 7:
-            raise ValueError(f"base_width must be >= 1 and depth in 1..7, got {self.base_width}, {self.depth}")
-
-    @property
-    def size_multiple(self) -> int:
-        return 2 ** (4 if self.arch == "seed" else self.depth)
-
-
-def _seed(cfg: ModelConfig) -> nn.Module:
-    return UNet(in_channels=1, base_width=8, depth=4, norm="batch")
-
-
-def _unet(cfg: ModelConfig) -> nn.Module:
-    return UNet(cfg.in_channels, cfg.base_width, cfg.depth, cfg.norm)
-
-
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"seed": _seed, "unet": _unet}
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the network a config names (`seed` ignores the width/depth/norm fields)."""
-    return MODELS[cfg.arch](cfg)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -8,50 +8,65 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
-from .data import find_samples, load_sample, load_split
-from .metrics import per_image_metrics, summarize_metrics
-from .postprocess import confidence
-from .predict import Predictor
+from hemaseg.data.dataset import find_samples, load_sample, load_split
+from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError
+from hemaseg.io import atomic_write_text, json_safe
+from hemaseg.evaluation.metrics import per_image_metrics, summarize_metrics
+from hemaseg.inference.postprocess import confidence
+from hemaseg.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | None = None,
              names: list[str] | None = None, mask_threshold: float | None = None, batch_size: int = 8,
-             progress: bool = True, keep_masks: bool = False) -> dict:
+             progress: bool = True, keep_masks: bool = False, tta: bool | None = None, fail_fast: bool = False,
+             max_pixels: int | None = MAX_PIXELS_DEFAULT) -> dict:
     """Predict every scan of `data_root` (or the listed `names`) and score it against its mask.
 
-    Returns {"rows": per-image dicts, "summary": dict}; writes per_image.csv and summary.json to
-    `out_dir` when given. Rows carry the final `pred` mask; with keep_masks also the image, the
-    reference and the probability map (float16), for reports and postprocessing decisions.
+    Returns {"rows": per-image dicts, "summary": dict, "errors": [...]}; writes per_image.csv,
+    summary.json (and errors.csv when a pair could not be read) to `out_dir` when given. A pair that
+    cannot be read is skipped and recorded (`fail_fast` raises instead); the summary counts it in
+    `n_failed`. Rows carry the final `pred` mask; with keep_masks also the image, the reference and the
+    probability map (float16), for reports and postprocessing decisions. `tta` None: the predictor's.
     """
     samples = find_samples(data_root)
     if names is not None:
         wanted = set(names)
         samples = [s for s in samples if s.name in wanted]
-    rows = []
+    rows, errors = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluate", unit="batch", disable=not progress):
-        chunk = samples[start:start + batch_size]
-        pairs = [load_sample(s, mask_threshold) for s in chunk]
-        probs = predictor.predict_proba_batch([im for im, _ in pairs], batch_size)
+        chunk, pairs = [], []
+        for s in samples[start:start + batch_size]:
+            try:
+                pairs.append(load_sample(s, mask_threshold, max_pixels))
+                chunk.append(s)
+            except DataError as e:
+                if fail_fast:
+                    raise
+                log.warning("skipped: %s", e)
+                errors.append({"image": str(e.path), "code": e.code, "problem": e.problem})
+        probs = predictor.predict_proba_batch([im for im, _ in pairs], batch_size, tta=tta)
         for s, (image, ref), prob in zip(chunk, pairs, probs):
-            row = score_image(s.name, prob, ref, predictor.to_mask)
+            row = score_image(s.name, prob, ref, predictor.to_mask(prob), predictor.threshold)
             if keep_masks:
                 row.update(image=np.round(image * 255).astype(np.uint8), ref=ref, prob=prob.astype(np.float16))
             rows.append(row)
-    summary = summarize(rows)
+    summary = {**summarize(rows), "n_failed": len(errors)}
     if out_dir is not None:
-        write_evaluation(out_dir, rows, summary)
-    return {"rows": rows, "summary": summary}
+        write_evaluation(out_dir, rows, summary, errors)
+    return {"rows": rows, "summary": summary, "errors": errors}
 
 
-def write_evaluation(out_dir: str | Path, rows: list[dict], summary: dict) -> None:
-    """per_image.csv (arrays left out) and summary.json, each written atomically."""
+def write_evaluation(out_dir: str | Path, rows: list[dict], summary: dict, errors: list[dict] = ()) -> None:
+    """per_image.csv (arrays left out), summary.json and errors.csv (when any), each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plain = [{k: v for k, v in r.items() if not isinstance(v, np.ndarray)} for r in rows]
@@ -62,14 +77,22 @@ def write_evaluation(out_dir: str | Path, rows: list[dict], summary: dict) -> No
         writer.writerows(plain)
     atomic_write_text(out / "per_image.csv", buf.getvalue())
     atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2))
+    if errors:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["image", "code", "problem"])
+        writer.writeheader()
+        writer.writerows(errors)
+        atomic_write_text(out / "errors.csv", buf.getvalue())
+    elif (out / "errors.csv").is_file():
+        (out / "errors.csv").unlink()
 
 
-def score_image(name: str, prob: np.ndarray, ref: np.ndarray, to_mask, spacing=None) -> dict:
-    """One image's metrics row; `to_mask` turns probabilities into the final mask (threshold +
-    postprocessing), so callers can rescore the same probabilities under another plan."""
-    pred = to_mask(np.asarray(prob, np.float32))
+def score_image(name: str, prob: np.ndarray, ref: np.ndarray, pred: np.ndarray, threshold: float,
+                spacing=None) -> dict:
+    """One image's metrics row: `pred` is the final mask (threshold + postprocessing) made from `prob`
+    at `threshold`, so callers can rescore the same probabilities under another plan."""
     return {"name": name, **per_image_metrics(pred, ref, spacing), "height": ref.shape[0], "width": ref.shape[1],
-            "confidence": round(confidence(prob), 4), "pred": pred}
+            "confidence": round(confidence(np.asarray(prob, np.float32), threshold), 4), "pred": pred}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -97,17 +120,6 @@ def _fmt(v) -> str:
     return ("n/a" if math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else str(v)
 
 
-def json_safe(v):
-    """NaN -> null (JSON has no NaN), recursively through dicts, lists and tuples."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {k: json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v
-
-
 def load_history(run_dir: str | Path) -> list[dict] | None:
     """Per-epoch rows of a run's metrics.csv (None when the run has none)."""
     path = Path(run_dir) / "metrics.csv"
@@ -120,7 +132,7 @@ def load_history(run_dir: str | Path) -> list[dict] | None:
 def write_report(path: str | Path, title: str, rows: list[dict], summary: dict, run_dir: str | Path | None = None,
                  notes: list[str] | None = None, credits: list[str] | None = None) -> Path:
     """The self-contained HTML report for evaluated rows (rows need image/ref/pred for overlays)."""
-    from .report import write_run_report
+    from hemaseg.evaluation.report import write_run_report
 
     history = load_history(run_dir) if run_dir is not None else None
     write_run_report(path, title=title, summary=summary, rows=rows, history=history, notes=notes or [],

@@ -12,6 +12,7 @@ RUN/oof/per_image.csv, RUN/oof/summary.json, RUN/cv_summary.json
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -22,14 +23,14 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .backends import available_cpus
-from .checkpoint import atomic_write_text
-from .config import RunConfig
-from .data import find_groups, find_samples, kfold_split, read_groups, save_split
-from .evaluate import evaluate, json_safe, score_image, summarize, write_evaluation, write_report
-from .postprocess import apply_plan, decide_plan
-from .predict import FOLD_WEIGHTS, load_model
-from .train import fit
+from hemaseg.config import RunConfig
+from hemaseg.data.dataset import find_groups, find_samples, kfold_split, load_sample, read_groups, read_mask
+from hemaseg.device import available_cpus
+from hemaseg.evaluation.evaluate import evaluate, score_image, summarize, write_evaluation, write_report
+from hemaseg.inference.postprocess import decide_plan
+from hemaseg.inference.predictor import FOLD_WEIGHTS, load_model
+from hemaseg.io import atomic_write_text, json_safe, save_png
+from hemaseg.training.train import fit
 
 log = logging.getLogger(__name__)
 REVIEW_BELOW_DICE = 0.5  # a case "needs review" when its Dice would fall below this
@@ -74,18 +75,24 @@ def choose_review_threshold(conf: np.ndarray, dice: np.ndarray) -> dict:
     return result
 
 
-def _train_fold(cfg: RunConfig, fold_dir: Path, resume: bool, progress: bool, threads: int | None = None) -> None:
+def _train_fold(cfg: RunConfig, fold_dir: Path, split: dict, resume: bool, progress: bool,
+                threads: int | None = None, dataset=None) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    fit(cfg, fold_dir, resume=resume, progress=progress)
+    # a fold folder belongs to the cross-validation: one left by a fold killed before its first
+    # checkpoint is started over
+    fit(cfg, fold_dir, resume=resume, progress=progress, split=None if resume else split, overwrite=not resume,
+        dataset=dataset)
 
 
-def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = True, jobs: int = 1) -> None:
-    """Train every fold not finished yet. `jobs` > 1 trains that many folds at once, each in its own
-    process with an even share of the CPU threads: on a GPU one small UNet leaves the card mostly
-    idle (its data loading is the bottleneck), so parallel folds finish a CV several times sooner."""
+def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = True, jobs: int = 1,
+                dataset=None) -> None:
+    """Train every fold not finished yet (resuming interrupted ones). `jobs` > 1 trains that many folds
+    at once, each in its own process with an even share of the CPU threads: on a GPU one small UNet
+    leaves the card mostly idle (its data loading is the bottleneck), so parallel folds finish a CV
+    several times sooner."""
     pending = []
     for k, fold in enumerate(split):
         fold_dir = out / f"fold_{k}"
@@ -93,14 +100,13 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
             log.info("fold %d/%d already trained", k + 1, len(split))
             continue
         resume = (fold_dir / "last.pt").is_file()
-        save_split({"train": fold["train"], "val": fold["val"]}, fold_dir / "splits.json")
-        pending.append((k, fold_dir, resume))
+        pending.append((k, fold_dir, {"train": fold["train"], "val": fold["val"]}, resume))
     if jobs <= 1 or len(pending) <= 1:
-        for k, fold_dir, resume in pending:
+        for k, fold_dir, fold_split, resume in pending:
             log.info("fold %d/%d: %s", k + 1, len(split), "resuming" if resume else "training")
-            fit(cfg, fold_dir, resume=resume, progress=progress)
+            _train_fold(cfg, fold_dir, fold_split, resume, progress, dataset=dataset)
         return
-    log.info("training folds %s, %d at once", ", ".join(str(k + 1) for k, _, _ in pending), jobs)
+    log.info("training folds %s, %d at once", ", ".join(str(k + 1) for k, *_ in pending), jobs)
     # spawn, not fork: a forked child would inherit an initialised CUDA context or OpenMP pool
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, available_cpus() // min(jobs, len(pending)))
@@ -109,8 +115,9 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
     queue = list(pending)
     while queue or running:
         while queue and len(running) < jobs:
-            k, fold_dir, resume = queue.pop(0)
-            proc = ctx.Process(target=_train_fold, args=(cfg, fold_dir, resume, False, threads), name=f"fold_{k}")
+            k, fold_dir, fold_split, resume = queue.pop(0)
+            proc = ctx.Process(target=_train_fold, args=(cfg, fold_dir, fold_split, resume, False, threads),
+                               name=f"fold_{k}")
             proc.start()
             running[proc.sentinel] = (k, proc)
         for sentinel in wait(list(running)):  # refill a slot as soon as any fold ends
@@ -126,33 +133,33 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
 
 
 def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, progress: bool = True,
-           jobs: int = 1) -> dict:
-    """Train every fold (skipping finished ones, resuming interrupted ones), then evaluate out of fold."""
+           jobs: int = 1, dataset=None) -> dict:
+    """Train every fold (skipping finished ones, resuming interrupted ones), then evaluate out of fold.
+    `dataset` (from `load_dataset`) saves each fold trained in this process from reading the data again."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = make_folds(cfg, out, folds, seed)
-    train_folds(cfg, out, split, progress, jobs)
+    train_folds(cfg, out, split, progress, jobs, dataset)
 
     variants = {"plain": [], "tta": []}
     for k, fold in enumerate(split):
         predictor = load_model(out / f"fold_{k}" / FOLD_WEIGHTS, device=cfg.train.device, postprocess=False)
         for name in variants:
-            predictor.tta = name == "tta"
             result = evaluate(predictor, cfg.data.root, names=fold["val"], mask_threshold=cfg.data.mask_threshold,
-                              progress=progress, keep_masks=True)
+                              progress=progress, keep_masks=True, tta=name == "tta", fail_fast=True,
+                              max_pixels=cfg.data.max_pixels)
             for row in result["rows"]:
                 row["fold"] = k
             variants[name].extend(result["rows"])
 
-    threshold = cfg.train.threshold
+    threshold = predictor.threshold
     base = "tta" if _mean_dice(variants["tta"]) >= _mean_dice(variants["plain"]) else "plain"
     plan, evidence = decide_plan([r["prob"] for r in variants[base]], [r["ref"] for r in variants[base]], threshold)
     plan.save(out / "postprocessing.json", {"decided_on": f"out-of-fold, {base}", **evidence})
-    to_mask = lambda p: apply_plan(p >= threshold, plan)  # noqa: E731
     for name in list(variants):
         variants[f"{name}+pp"] = [
-            {**score_image(r["name"], r["prob"], r["ref"], to_mask), "fold": r["fold"], "image": r["image"],
-             "ref": r["ref"]} for r in variants[name]]
+            {**score_image(r["name"], r["prob"], r["ref"], predictor.to_mask(r["prob"], plan=plan), threshold),
+             "fold": r["fold"], "image": r["image"], "ref": r["ref"]} for r in variants[name]]
     final = variants[f"{base}+pp"]
 
     conf = np.array([r["confidence"] for r in final])
@@ -163,6 +170,8 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
 
     summary = summarize(final)
     write_evaluation(out / "oof", final, summary)
+    for r in final:  # the out-of-fold masks, so `hemaseg report` can draw them without predicting again
+        save_png(out / "oof" / "masks" / f"{r['name']}.png", r["pred"].astype(np.uint8) * 255, fsync=False)
     fold_dice = [_mean_dice([r for r in final if r["fold"] == k]) for k in range(len(split))]
     cv_summary = {
         "n_folds": len(split), "n_images": len(final), "inference": base, "postprocessing": dataclasses.asdict(plan),
@@ -173,14 +182,48 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
         "variants": {name: variant_summary(rows, len(split)) for name, rows in variants.items()},
     }
     atomic_write_text(out / "cv_summary.json", json.dumps(json_safe(cv_summary), indent=2))
-    write_report(out / "report.html", f"Cross-validation: {len(split)} folds on {cfg.data.root}", final,
-                 {**summary, **{k: v for k, v in cv_summary.items() if not isinstance(v, (dict, list))}},
-                 run_dir=out / "fold_0",
-                 notes=[f"Out-of-fold predictions of {len(split)} fold models ({base} inference, postprocessing "
-                        f"{dataclasses.asdict(plan)}); training curves are fold 0's. Cases with confidence <= "
-                        f"{review['threshold']} are flagged for review (Spearman r of confidence vs Dice: "
-                        f"{review['spearman_r']})."])
+    write_cv_report(out, cfg.data.root)
     return {"summary": cv_summary, "rows": final}
+
+
+def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Path:
+    """RUN/report.html of a finished cross-validation, from what `run_cv` wrote (cv_summary.json,
+    oof/per_image.csv, oof/summary.json, oof/masks/) and the scans of `data_root` (default: the folds'
+    training data). Reads only: no prediction, no decision made again, nothing else rewritten."""
+    out = Path(out)
+    for needed in ("cv_summary.json", "oof/summary.json", "oof/per_image.csv"):
+        if not (out / needed).is_file():
+            raise FileNotFoundError(f"{out / needed}: missing; run `hemaseg cv` to finish this cross-validation")
+    cv_summary = json.loads((out / "cv_summary.json").read_text())
+    summary = json.loads((out / "oof" / "summary.json").read_text())
+    data_root = data_root or RunConfig.load(out / "fold_0" / "config.json").data.root
+    samples = {s.name: s for s in find_samples(data_root, strict=False)}
+    rows = []
+    with open(out / "oof" / "per_image.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            row = {k: _parse_cell(v) if k != "name" else v for k, v in row.items()}
+            mask_png = out / "oof" / "masks" / f"{row['name']}.png"
+            if row["name"] in samples and mask_png.is_file():  # the scan and its outline, for the case pictures
+                image, ref = load_sample(samples[row["name"]])
+                row.update(image=np.round(image * 255).astype(np.uint8), ref=ref, pred=read_mask(mask_png))
+            rows.append(row)
+    review, plan, n = cv_summary["confidence"], cv_summary["postprocessing"], cv_summary["n_folds"]
+    return write_report(
+        out / "report.html", f"Cross-validation: {n} folds on {data_root}", rows,
+        {**summary, **{k: v for k, v in cv_summary.items() if not isinstance(v, (dict, list))}},
+        run_dir=out / "fold_0",
+        notes=[f"Out-of-fold predictions of {n} fold models ({cv_summary['inference']} inference, postprocessing "
+               f"{plan}); training curves are fold 0's. Cases with confidence <= {review['threshold']} are "
+               f"flagged for review (Spearman r of confidence vs Dice: {review['spearman_r']})."])
+
+
+def _parse_cell(v: str):
+    if v in ("True", "False"):
+        return v == "True"
+    try:
+        return float(v) if v != "" else float("nan")
+    except ValueError:
+        return v
 
 
 VARIANT_KEYS = ("dice_mean", "dice_mean_lesion", "hd95_px_mean", "hd95_px_median", "lesion_sensitivity",

@@ -18,8 +18,6 @@ import math
 import os
 import random
 import re
-import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +28,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from hemaseg.io import atomic_write_text
+from hemaseg.config import DatasetStats
+from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, decode_image, open_image, read_image
+
 logger = logging.getLogger(__name__)
 
-MAX_PIXELS_DEFAULT = 50_000_000  # decompression-bomb guard: a 50 MP scan is already far beyond ultrasound
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_DIR_NAMES = ("mask", "masks")
 NAME_COLUMNS = ("name", "image", "filename")
 GROUP_COLUMNS = ("group", "dup_group", "patient")
@@ -42,18 +42,6 @@ MANIFEST_GROUP_COLUMNS = ("dup_group", "patient")
 # `NAME_mask.png` and `NAME_mask_3.png`; group 1 is the image stem.
 _MASK_STEM = re.compile(r"^(.+?)_mask(?:_(\d+))?$", re.IGNORECASE)
 _MAX_LISTED_VALUES = 6
-
-
-class DataError(ValueError):
-    """One-line, user-facing problem naming the file: ``str(e) == f"{path}: {problem}"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
-
-    def __reduce__(self):  # the default pickling would call __init__ with one argument (DataLoader workers)
-        return (type(self), (self.path, self.problem))
 
 
 @dataclass(frozen=True)
@@ -187,80 +175,10 @@ def find_samples(root: str | os.PathLike, strict: bool = True) -> list[Sample]:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _open(path: Path, max_pixels: int | None) -> Image.Image:
-    """Open and decode one frame, refusing oversized images from the header before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():
-            # Our own max_pixels check below replaces PIL's global warning threshold.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise DataError(path, f"image too large: pixels exceeds the limit ({e})") from None
-    except FileNotFoundError:
-        raise DataError(path, "file does not exist") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; all mean "cannot read"
-        raise DataError(path, f"cannot read image: {e}") from None
-    width, height = im.size
-    if max_pixels is not None and width * height > max_pixels:
-        im.close()
-        raise DataError(
-            path,
-            f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
-            f"{max_pixels:,} (raise max_pixels if this image is genuine)",
-        )
-    try:
-        im.load()
-    except Exception as e:  # noqa: BLE001 - truncated files raise OSError, broken chunks SyntaxError etc.
-        im.close()
-        raise DataError(path, f"cannot read image: {e}") from None
-    return im
-
-
-def pil_to_gray_float(im: Image.Image, path: Path) -> np.ndarray:
-    """Convert any PIL mode to float32 HxW in [0, 1], as `read_image` does (the service reads uploads
-    from memory through this too, so a scan gets the same numbers however it arrives). `path` names
-    the source in errors."""
-    mode = im.mode
-    if mode == "1":
-        return np.asarray(im, dtype=np.float32)
-    if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.float32) / 65535.0
-    if mode in ("I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        if mode == "F" and lo >= 0.0 and hi <= 1.0:
-            return a.astype(np.float32)
-        if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data held in a 32-bit int image
-            return (a / 65535.0).astype(np.float32)
-        logger.warning("%s: mode %s values span [%g, %g]; scaling min-max to [0, 1]", path, mode, lo, hi)
-        if hi <= lo:
-            return np.zeros(a.shape, np.float32)
-        return ((a - lo) / (hi - lo)).astype(np.float32)
-    if mode != "L":
-        # ITU-R 601-2 luma; alpha is ignored, palette images go through their palette.
-        im = im.convert("L")
-    return np.asarray(im, dtype=np.float32) / 255.0
-
-
-def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> np.ndarray:
-    """Read a scan as float32 HxW in [0, 1].
-
-    8-bit is divided by 255, 16-bit by 65535 (32-bit int images holding 16-bit values too), float images
-    in [0, 1] kept; other ranges are min-max scaled. Colour, palette and alpha images become luminance
-    gray. Raises :class:`DataError` naming the file when it is unreadable, truncated, or larger than
-    ``max_pixels`` (checked from the header before decoding).
-    """
-    path = Path(path)
-    with _open(path, max_pixels) as im:
-        try:
-            return pil_to_gray_float(im, path)
-        except ValueError as e:  # modes PIL cannot convert to gray, e.g. HSV
-            raise DataError(path, f"cannot convert image mode {im.mode} to gray: {e}") from None
-
-
-def _read_mask_raw(path: Path, max_pixels: int | None) -> np.ndarray:
+def _read_mask_raw(source: Path | bytes, max_pixels: int | None, name: Path | None = None) -> np.ndarray:
     """Raw mask values HxW, keeping the file's integer type so value sets can be reported exactly."""
-    with _open(path, max_pixels) as im:
+    path = name if name is not None else source
+    with open_image(source, max_pixels, name) as im:
         mode = im.mode
         if mode == "1":
             return np.asarray(im, dtype=np.uint8)
@@ -330,7 +248,8 @@ def _binarise(raw: np.ndarray, path: Path, threshold: float | None, values: np.n
 
 
 def read_mask(
-    path: str | os.PathLike, threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT
+    path: str | os.PathLike | bytes, threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT,
+    name: str | os.PathLike | None = None,
 ) -> np.ndarray:
     """Read a lesion mask as bool HxW.
 
@@ -340,8 +259,9 @@ def read_mask(
     masks use the palette index.
     """
     _check_threshold(threshold)
-    path = Path(path)
-    return _binarise(_read_mask_raw(path, max_pixels), path, threshold)
+    source = path if isinstance(path, bytes) else Path(path)
+    where = Path(name) if name is not None else (Path("mask") if isinstance(path, bytes) else source)
+    return _binarise(_read_mask_raw(source, max_pixels, where), where, threshold)
 
 
 def _size_mismatch(mask_path: Path, mask_shape: tuple, image_path: Path, image_shape: tuple) -> DataError:
@@ -530,20 +450,83 @@ def check_dataset(
     )
 
 
-def dataset_fingerprint(samples: Sequence[Sample]) -> str:
-    """Short sha256 over names, file names and file bytes, saved with runs so the data can be matched later.
+class _Fingerprint:
+    """sha256 over names, file names and file bytes in natural name order: independent of the sample
+    order and of where the dataset folder lives."""
 
-    Independent of the sample order and of where the dataset folder lives.
-    """
-    h = hashlib.sha256()
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def add_sample(self, name: str) -> None:
+        self.h.update(f"sample\0{name}\0".encode())
+
+    def add_file(self, path: Path, data: bytes) -> None:
+        self.h.update(f"file\0{path.parent.name}/{path.name}\0".encode())
+        self.h.update(data)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()[:16]
+
+
+def dataset_fingerprint(samples: Sequence[Sample]) -> str:
+    """Short sha256 over names, file names and file bytes, saved with runs so the data can be matched later."""
+    fp = _Fingerprint()
     for sample in sorted(samples, key=lambda s: natural_key(s.name)):
-        h.update(f"sample\0{sample.name}\0".encode())
+        fp.add_sample(sample.name)
         for path in (sample.image_path, *sample.mask_paths):
-            h.update(f"file\0{path.parent.name}/{path.name}\0".encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
+            fp.add_file(path, _read_bytes(path))
+    return fp.hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "file does not exist", "missing") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read: {e.strerror or e}", "unreadable") from None
+
+
+@dataclass
+class LoadedDataset:
+    """Every pair of a dataset decoded once: what training needs before its first epoch (the plan's
+    statistics, the fingerprint that identifies the data, and the pixels to cache)."""
+
+    root: Path
+    samples: list[Sample]
+    images: dict[str, np.ndarray]  # name -> float32 HxW in [0, 1]
+    masks: dict[str, np.ndarray]  # name -> bool HxW
+    fingerprint: str
+    stats: DatasetStats
+
+
+def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
+                 max_pixels: int | None = MAX_PIXELS_DEFAULT, progress: bool = False) -> LoadedDataset:
+    """Read every pair once: its bytes feed the fingerprint and are decoded from memory. The first
+    broken pair raises its DataError (training needs every scan; `hemaseg check` lists them all)."""
+    _check_threshold(mask_threshold)
+    samples = sorted(find_samples(root), key=lambda s: natural_key(s.name))
+    fp, images, masks = _Fingerprint(), {}, {}
+    for sample in tqdm(samples, desc="load", unit="img", disable=not progress, leave=False):
+        fp.add_sample(sample.name)
+        data = _read_bytes(sample.image_path)
+        fp.add_file(sample.image_path, data)
+        image = decode_image(data, max_pixels, name=sample.image_path).gray
+        mask = np.zeros(image.shape, dtype=bool)
+        for mask_path in sample.mask_paths:
+            raw = _read_bytes(mask_path)
+            fp.add_file(mask_path, raw)
+            m = read_mask(raw, mask_threshold, max_pixels, name=mask_path)
+            if m.shape != image.shape:
+                raise _size_mismatch(mask_path, m.shape, sample.image_path, image.shape)
+            mask |= m
+        images[sample.name], masks[sample.name] = image, mask
+    longer = sorted(max(im.shape) for im in images.values())
+    fractions = [float(m.mean()) for m in masks.values()]
+    stats = DatasetStats(n_pairs=len(samples), median_longer_side=longer[len(longer) // 2] if longer else 0,
+                         lesion_fraction_mean=float(np.mean(fractions)) if fractions else math.nan,
+                         n_empty_masks=sum(f == 0.0 for f in fractions))
+    return LoadedDataset(Path(root), samples, images, masks, fp.hexdigest(), stats)
 
 
 # --------------------------------------------------------------------------------------------- groups
@@ -715,19 +698,7 @@ def save_split(split: Mapping, path: str | os.PathLike) -> Path:
     """Write a split (``train``/``val`` lists plus any extra keys such as the seed) as JSON, atomically."""
     path = Path(path)
     data = _validate_split(dict(split), path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader never sees a half-written split
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")  # a reader never sees half a split
 
 
 def load_split(path: str | os.PathLike) -> dict:

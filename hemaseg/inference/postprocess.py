@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .checkpoint import atomic_write_text
-
-EIGHT = np.ones((3, 3), bool)
+from hemaseg.io import atomic_write_text
+from hemaseg.measure.lesions import label_lesions
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 def remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     if min_px <= 0 or not mask.any():
         return mask
-    labels, n = ndimage.label(mask, structure=EIGHT)
+    labels, n = label_lesions(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     keep = sizes >= min_px
     keep[0] = False
@@ -54,7 +53,7 @@ def remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
 
 
 def keep_largest(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask, structure=EIGHT)
+    labels, n = label_lesions(mask)
     if n <= 1:
         return mask
     sizes = np.bincount(labels.ravel())
@@ -90,7 +89,7 @@ def decide_plan(probs: list[np.ndarray], refs: list[np.ndarray], threshold: floa
                 min_px_candidates: tuple[int, ...] = (10, 50, 200)) -> tuple[PostprocessPlan, dict]:
     """Greedily add each step that raises the mean Dice over `probs` vs `refs` (both-empty images
     count as 1 here, so removing a false positive is rewarded). Returns (plan, evidence)."""
-    from .metrics import dice
+    from hemaseg.evaluation.metrics import dice
 
     masks = [np.asarray(p) >= threshold for p in probs]
 

@@ -25,7 +25,7 @@ from monai.transforms import (
     RandomizableTransform,
 )
 
-NORMALIZATIONS = ("zscore", "unit")
+from hemaseg.config import NORMALIZATIONS, AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -99,28 +99,6 @@ def preprocess(image: np.ndarray, size: int, method: str = "zscore") -> tuple[np
 
 
 # --- augmentation -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Paired augmentation. Geometric steps move image and mask together; intensity steps touch the
-    image only. Vertical flips are off by default: ultrasound depth has a direction (skin on top)."""
-
-    hflip: float = 0.5
-    vflip: float = 0.0
-    affine_p: float = 0.7
-    rotate_deg: float = 15.0
-    scale: float = 0.15
-    translate: float = 0.05
-    gamma_p: float = 0.3
-    gamma: tuple[float, float] = (0.7, 1.5)
-    contrast_p: float = 0.3
-    contrast: float = 0.25
-    blur_p: float = 0.15
-    noise_p: float = 0.15
-    noise_std: float = 0.1
-    speckle_p: float = 0.2
-    speckle_std: float = 0.15
 
 
 class RandSpeckled(RandomizableTransform, MapTransform):

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import ndimage
 
-from hemaseg.geometry import find_lesions, trace_outline
+from hemaseg.measure.lesions import find_lesions, trace_outline
 
 
 def test_square_outline_is_its_border_clockwise_from_top_left():

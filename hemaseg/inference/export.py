@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
-import io
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import __version__
-from .backends import OnnxRuntimeBackend, fuse_conv_bn
-from .checkpoint import atomic_write_bytes
+from hemaseg import __version__
+from hemaseg.inference.onnx import DEFAULT_OPSET, OnnxRuntimeBackend, onnx_bytes
+from hemaseg.inference.predictor import Predictor
+from hemaseg.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
 PARITY_ATOL = 1e-3  # on logits; fp32 kernels differ in summation order only (~1e-5 seen)
 
 
@@ -38,33 +34,6 @@ class ExportResult:
     max_abs_diff: float  # largest |ONNX Runtime - PyTorch| over the logits of the parity input
     metadata: dict[str, str]
     n_bytes: int
-
-
-def onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialise `model` (BN folded, eval) to ONNX with dynamic batch, height and width.
-
-    Uses the TorchScript exporter: it needs no extra package (the torch.export one needs onnxscript)
-    and handles this plain feed-forward network exactly."""
-    fused = fuse_conv_bn(model).cpu().float()
-    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    buf = io.BytesIO()
-    with warnings.catch_warnings():  # tracer notes about the shape check in forward(); it is not traced
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            fused, torch.zeros(1, 1, 64, 64), buf, input_names=["image"], output_names=["logits"],
-            opset_version=opset, do_constant_folding=True,
-            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                          "logits": {0: "batch", 2: "height", 3: "width"}},
-            **kwargs,
-        )
-    if not metadata:
-        return buf.getvalue()
-    import onnx
-
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.helper.set_model_props(proto, metadata)
-    proto.doc_string = metadata.get("usage", "")
-    return proto.SerializeToString()
 
 
 def onnx_metadata(predictor) -> dict[str, str]:
@@ -105,12 +74,10 @@ def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int
     Before anything is written, ONNX Runtime runs the export on a random (2, 1, S, S) input and its
     logits are compared with eager PyTorch; a difference above `atol` raises RuntimeError. The file is
     replaced atomically."""
-    from .predict import Predictor
-
     if isinstance(predictor_or_run, Predictor):
         predictor = predictor_or_run
     else:
-        predictor = Predictor.from_checkpoint(predictor_or_run, device="cpu")
+        predictor = Predictor.from_checkpoint(predictor_or_run, device="cpu", backend="torch")
     if len(predictor.models) > 1:
         raise ValueError(f"{predictor.metadata.get('checkpoint')}: a cross-validation ensemble of "
                          f"{len(predictor.models)} models; export one fold's run folder (RUN/fold_K)")

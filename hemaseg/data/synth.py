@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
+
+from hemaseg.io import save_png
 
 log = logging.getLogger(__name__)
 
@@ -555,18 +554,6 @@ def synth_scan(
 # -------------------------------------------------------------------------------------------- dataset
 
 
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    """Writes via a temp file in the same folder and os.replace, so readers never see half a PNG."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG", compress_level=1)  # speed over a few % of size
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_synthetic_dataset(
     out: str | Path,
     n: int,
@@ -587,7 +574,7 @@ def write_synthetic_dataset(
     (out / "mask").mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(1, n + 1), desc="synthetic scans", unit="scan", disable=not progress):
         image, mask = synth_scan(np.random.default_rng([seed, i]), size, config)
-        _save_png_atomic(image, out / "images" / f"{i}.png")
-        _save_png_atomic(mask, out / "mask" / f"{i}.png")
+        save_png(out / "images" / f"{i}.png", image, compress_level=1, fsync=False)  # speed over a few % of size
+        save_png(out / "mask" / f"{i}.png", mask, compress_level=1, fsync=False)
     log.info("wrote %d synthetic scans (%s px, seed %d) to %s", n, size, seed, out)
     return out

@@ -1,6 +1,8 @@
-"""Lesion geometry from a predicted mask: area, bounding box, centroid and outline polygon per lesion.
+"""What a lesion is, and its geometry: area, bounding box, centroid and outline polygon per lesion.
 
-A lesion is a 4-connected component of the mask, the same rule as `Prediction.n_lesions`. Outlines are
+A lesion is an 8-connected component of a mask (`LESION_CONNECTIVITY`): two pixels touching at a corner
+belong to one lesion. Every path that counts or separates lesions (metrics, postprocessing, predict,
+serve, measurement) labels through `label_lesions`, so a mask has the same lesions everywhere. Outlines are
 traced on the pixel grid by Moore-neighbour border following, so every vertex is the centre of a mask
 pixel on the lesion's outer border (holes count in the area but are not outlined). This keeps the service
 free of scikit-image, and a polygon drawn through pixel centres is what a clinician expects to see on
@@ -13,6 +15,20 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+LESION_CONNECTIVITY = 2  # scipy's rank-2 connectivity on a 2-D grid: the 8 neighbours
+_STRUCTURE = ndimage.generate_binary_structure(2, LESION_CONNECTIVITY)
+
+
+def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Bool HxW mask -> (int32 labels 1..n, 0 = background; n lesions)."""
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=_STRUCTURE)
+    return labels, int(n)
+
+
+def count_lesions(mask: np.ndarray) -> int:
+    return label_lesions(mask)[1]
+
 
 # The 8 neighbours as (dy, dx), clockwise on screen (y grows downwards), starting west.
 _RING = ((0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1))
@@ -73,8 +89,7 @@ def find_lesions(mask: np.ndarray, max_lesions: int | None = None) -> tuple[int,
 
     Counting is cheap; tracing is per border pixel, so a noisy mask with thousands of specks is capped.
     """
-    mask = np.asarray(mask, bool)
-    labels, n = ndimage.label(mask)
+    labels, n = label_lesions(mask)
     if n == 0:
         return 0, []
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]

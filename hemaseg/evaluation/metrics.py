@@ -28,7 +28,8 @@ from monai.metrics import (
     compute_iou,
     get_confusion_matrix,
 )
-from scipy import ndimage
+
+from hemaseg.measure.lesions import label_lesions
 
 EMPTY_RULE = (
     "reference and prediction both empty -> Dice/IoU NaN (excluded from means, counted as a true-negative "
@@ -144,9 +145,8 @@ def assd(pred, ref, spacing: Spacing | None = None) -> np.ndarray:
 
 
 def _lesion_counts(pred: np.ndarray, ref: np.ndarray, min_iou: float) -> dict[str, int]:
-    eight = np.ones((3, 3), bool)
-    ref_lab, n_ref = ndimage.label(ref, structure=eight)
-    pred_lab, n_pred = ndimage.label(pred, structure=eight)
+    ref_lab, n_ref = label_lesions(ref)
+    pred_lab, n_pred = label_lesions(pred)
     if n_ref == 0 or n_pred == 0:
         return {"tp": 0, "fp": int(n_pred), "fn": int(n_ref)}
     # inter[i, j]: pixels shared by reference lesion i+1 and predicted component j+1

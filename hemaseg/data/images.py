@@ -1,0 +1,180 @@
+"""The one decoder: a scan file, uploaded bytes or an array -> float32 gray HxW in [0, 1].
+
+`hemaseg check/train/evaluate/predict` read files through `read_image`, the service reads uploads through
+`decode_image`, and the Python API converts arrays through `to_gray`; all three end in `to_gray`, so a scan
+gets the same numbers however it arrives. Every failure is a `DataError` naming the source, with a `code`
+the service maps to an HTTP status (`too_large` 413, `unsupported_type` 415, the rest 422).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from hemaseg.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS_DEFAULT = DataConfig.max_pixels  # decompression-bomb guard: 50 MP is far beyond ultrasound
+MAX_PIXELS_FLAG = "--max-pixels"  # every command that reads images has it; errors name it
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # decoders PIL may try, chosen by the content's magic bytes
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_VIA_RGB = ("P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr")
+
+
+class DataError(ValueError):
+    """One-line, user-facing problem naming the file: ``str(e) == f"{path}: {problem}"``.
+
+    `code` says what kind of problem it is (for the service's status codes and for errors.csv)."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, code: str = "invalid"):
+        self.path = Path(path)
+        self.problem = problem
+        self.code = code
+        super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # the default pickling would call __init__ with one argument (DataLoader workers)
+        return (type(self), (self.path, self.problem, self.code))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    gray: np.ndarray  # float32 HxW in [0, 1]
+    format: str  # PNG, JPEG, BMP or TIFF
+    mode: str  # the PIL mode it was stored in
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS_DEFAULT,
+               name: str | os.PathLike | None = None) -> Image.Image:
+    """Open and decode one frame of a file or of bytes, recognised by content (never by name), refusing
+    oversized images from the header before any pixel is decoded. The caller closes the image."""
+    where = name if name is not None else ("upload" if isinstance(source, bytes) else source)
+    if isinstance(source, bytes) and not source:
+        raise DataError(where, "the file is empty", "empty")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces PIL's global warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
+    except FileNotFoundError:
+        raise DataError(where, "file does not exist", "missing") from None
+    except IsADirectoryError:
+        raise DataError(where, "is a folder, not an image file", "unreadable") from None
+    except Image.DecompressionBombError:
+        raise DataError(where, f"image too large: its pixel count exceeds the limit (raise {MAX_PIXELS_FLAG} if "
+                               "this image is genuine)", "too_large") from None
+    except UnidentifiedImageError:
+        head = source[:8] if isinstance(source, bytes) else _head(source)
+        if head.startswith(_SIGNATURES):  # the right kind of file, but too broken for PIL to open
+            raise DataError(where, "cannot read image: the file is damaged or incomplete", "corrupt") from None
+        raise DataError(where, "cannot read image: not a PNG, JPEG, BMP or TIFF (recognised by its content, "
+                               "not its name)", "unsupported_type") from None
+    except OSError as e:
+        raise DataError(where, f"cannot read image: {e.strerror or e}", "unreadable") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for malformed headers
+        raise DataError(where, f"cannot read image: {e}", "corrupt") from None
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        im.close()
+        raise DataError(where, f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
+                               f"{max_pixels:,} (raise {MAX_PIXELS_FLAG} if this image is genuine)", "too_large")
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001 - truncated files raise OSError, broken chunks SyntaxError etc.
+        im.close()
+        raise DataError(where, f"cannot read image: the file is damaged or incomplete ({e})", "corrupt") from None
+    return im
+
+
+def _head(path: str | os.PathLike) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)
+    except OSError:
+        return b""
+
+
+def pil_to_gray(im: Image.Image, where: str | os.PathLike = "image") -> np.ndarray:
+    """A decoded PIL image of any mode -> float32 HxW in [0, 1] (through `to_gray`)."""
+    mode = im.mode
+    if mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F" and lo >= 0.0 and hi <= 1.0:
+            return a.astype(np.float32)
+        if mode == "I" and lo >= 0 and hi <= 65535:  # 16-bit data held in a 32-bit int image
+            return to_gray(a.astype(np.uint16))
+        log.warning("%s: mode %s values span [%g, %g]; scaling min-max to [0, 1]", where, mode, lo, hi)
+        return np.zeros(a.shape, np.float32) if hi <= lo else ((a - lo) / (hi - lo)).astype(np.float32)
+    if mode in ("1", "L") or mode.startswith("I;16"):
+        return to_gray(np.asarray(im))
+    if mode in ("LA", "La"):
+        return to_gray(np.asarray(im)[..., 0])
+    if mode not in _VIA_RGB:  # LAB, HSV ...: not a colour image whose luminance means brightness
+        raise DataError(where, f"cannot convert image mode {mode} to gray; save it as 8-bit gray or RGB",
+                        "unsupported_mode")
+    return to_gray(np.asarray(im.convert("RGB")))  # alpha is ignored, palettes are looked up
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Any HxW or HxWxC (C in 1, 3, 4) array -> float32 HxW in [0, 1]: integers scaled by their dtype's
+    range, RGB(A) by ITU-R 601 luminance (alpha ignored), bool as 0/1, floats above 1 by their maximum."""
+    a = np.asarray(image)
+    dtype = a.dtype
+    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+        a = a[..., 0] if a.shape[-1] == 1 else _luma(a[..., :3])
+        if dtype.kind in "ui":
+            a = a / np.iinfo(dtype).max
+    elif a.ndim != 2:
+        raise ValueError(f"expected an HxW or HxWxC image with C in 1, 3, 4; got shape {a.shape}")
+    elif a.dtype.kind in "ui":
+        a = a / np.iinfo(a.dtype).max
+    a = a.astype(np.float32)
+    if a.size and not np.isfinite(a).all():
+        raise ValueError("the image holds NaN or infinite values")
+    peak = float(a.max()) if a.size else 0.0
+    return a / peak if peak > 1 else a
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma. 8-bit input is rounded exactly as PIL's convert("L") does (16-bit fixed point),
+    so an RGB scan gives the same gray whether it arrives as a file or as an array."""
+    if rgb.dtype == np.uint8:
+        r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS_DEFAULT,
+                 name: str | os.PathLike | None = None) -> Decoded:
+    """A file or bytes -> Decoded(gray, format, mode); DataError naming `name` (or the path) if not."""
+    where = name if name is not None else ("upload" if isinstance(source, bytes) else source)
+    with open_image(source, max_pixels, name) as im:
+        try:
+            gray = pil_to_gray(im, where)
+        except ValueError as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(where, str(e), "corrupt") from None
+        if gray.size and not np.isfinite(gray).all():
+            raise DataError(where, "the image holds NaN or infinite pixel values", "corrupt")
+        return Decoded(gray, str(im.format), im.mode)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> np.ndarray:
+    """Read a scan as float32 HxW in [0, 1].
+
+    8-bit is divided by 255, 16-bit by 65535 (32-bit int images holding 16-bit values too), float images
+    in [0, 1] kept; other ranges are min-max scaled. Colour, palette and alpha images become luminance
+    gray. Raises :class:`DataError` naming the file when it is unreadable, truncated, or larger than
+    ``max_pixels`` (checked from the header before decoding).
+    """
+    return decode_image(Path(path), max_pixels).gray

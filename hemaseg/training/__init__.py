@@ -1,0 +1,1 @@
+"""Training: one resumable run (`train.fit`) and k-fold cross-validation (`cv.run_cv`)."""

@@ -1,0 +1,521 @@
+"""Training: fit(config, out_dir) writes a complete, resumable run folder.
+
+RUN/config.json    every setting, the plan it came from, versions, and a history of resumes (appended)
+RUN/splits.json    the train/val split used (reused on resume, never by a fresh run)
+RUN/last.pt        weights + optimizer/scheduler/RNG state, written atomically (see below)
+RUN/best.pt        weights of the epoch with the best validation Dice
+RUN/metrics.csv    one row per epoch; RUN/curves.png the training curves; RUN/summary.json at the end
+
+What a crash can lose: the checkpoints go to disk at the end of the first and the last epoch, and
+between them at the end of every epoch that would otherwise leave more than `checkpoint_every_s`
+(default 60 s) unsaved; so a crash loses at most one epoch or about a minute of training, whichever
+is larger (`checkpoint_every_s=0`: every epoch). A write killed midway leaves its temp file, removed at
+the next start; the finished files are never half-written.
+
+Run folders are consistent or refused: the data is read and checked before anything is written; a
+fresh run into a folder that holds files is refused unless `overwrite`; a resume checks the data's
+fingerprint and the settings against the run's and refuses a change unless `allow_changed_data`.
+
+Each sample's augmentation is seeded by (seed, epoch, index) and each epoch's order by (seed,
+epoch), so a resumed run retraces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss, DiceFocalLoss
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from hemaseg import __version__
+from hemaseg.config import RunConfig, resolve_config
+from hemaseg.data.dataset import (
+    LoadedDataset,
+    find_groups,
+    load_dataset,
+    load_split,
+    natural_sorted,
+    read_groups,
+    save_split,
+    split_train_val,
+)
+from hemaseg.data.transforms import Letterbox, augment, build_augmentation, letterbox, normalize
+from hemaseg.device import available_cpus, bf16_supported, describe_cpu, select_device
+from hemaseg.evaluation.metrics import dice
+from hemaseg.evaluation.report import plot_curves
+from hemaseg.inference.backends import make_backend
+from hemaseg.inference.predictor import predict_boxed
+from hemaseg.io import atomic_write_text, remove_stale_temps
+from hemaseg.models import build_model
+from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("config.json", "splits.json", "last.pt", "best.pt", "metrics.csv", "curves.png", "summary.json")
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (not empty, nothing to resume, data changed)."""
+
+
+@dataclass
+class CachedSet:
+    """Scans letterboxed once, kept in memory for every epoch."""
+
+    names: list[str]
+    images: np.ndarray  # (N, S, S) float32, normalised
+    masks: np.ndarray  # (N, S, S) float32 in {0, 1}
+    boxes: list[Letterbox]
+    orig_masks: list[np.ndarray]  # bool, each at its image's original size
+
+
+def cache_samples(names: list[str], data: LoadedDataset, size: int, method: str) -> CachedSet:
+    images, masks, boxes, orig = [], [], [], []
+    for name in names:
+        boxed, boxed_mask, box = letterbox(data.images[name], size, data.masks[name])
+        images.append(normalize(boxed, box, method))
+        masks.append(boxed_mask)
+        boxes.append(box)
+        orig.append(data.masks[name])
+    empty = np.zeros((0, size, size), np.float32)
+    return CachedSet(list(names), np.stack(images) if names else empty, np.stack(masks) if names else empty,
+                     boxes, orig)
+
+
+class AugmentedPairs(Dataset):
+    """In-memory pairs with per-(seed, epoch, index) seeded paired augmentation. Indexed by
+    (epoch, index) pairs from EpochSampler, so persistent worker processes need no epoch update."""
+
+    def __init__(self, cached: CachedSet, pipeline, seed: int):
+        self.cached, self.pipeline, self.seed = cached, pipeline, seed
+
+    def __len__(self) -> int:
+        return len(self.cached.names)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+        return augment(self.pipeline, self.cached.images[i], self.cached.masks[i], seed)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) pairs in an order seeded by (seed, epoch): the same batches after a resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+def _quiet_worker(_: int) -> None:
+    """Data-loader workers skip MONAI's metadata tracking, as the in-process path does."""
+    from monai.data import set_track_meta
+
+    set_track_meta(False)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training autocasts to bf16. `auto` does wherever the hardware runs bf16 natively, CPUs
+    included: on this project's AVX512-BF16 CPU it trained 1.5x the epochs in the same minutes and
+    scored higher (usgra fold 0, 8 min: Dice 0.574 vs 0.502; synthetic demo, 3 min: 0.470 vs 0.433;
+    benchmarks/recipe.py); AVX2-only CPUs emulate bf16 slower than fp32, so they get fp32. `bf16`
+    demands native support; `fp32` never autocasts."""
+    if precision == "fp32":
+        return False
+    if precision == "auto":
+        return bf16_supported(device)
+    if not bf16_supported(device):
+        raise ValueError(f"precision bf16 needs native bf16 on {device} (AVX512-BF16/AMX CPU or a bf16 GPU); "
+                         "use fp32")
+    return True
+
+
+def single_threaded_batches(loader: DataLoader):
+    """Yield the loader's batches, each produced with one intra-op thread and without MONAI metadata.
+
+    Per-image augmentation ops are too small to split across cores: OpenMP's fork/join then costs more
+    than it saves (2-4x slower on a 2-core machine, worse when it is busy), and metadata tracking only
+    adds overhead here. Worker processes (num_workers > 0) already run single-threaded."""
+    from monai.data import get_track_meta, set_track_meta
+
+    batches = iter(loader)
+    while True:
+        threads, track = torch.get_num_threads(), get_track_meta()
+        torch.set_num_threads(1)
+        set_track_meta(False)
+        try:
+            batch = next(batches, None)
+        finally:
+            torch.set_num_threads(threads)
+            set_track_meta(track)
+        if batch is None:
+            return
+        yield batch
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """Worker processes for augmentation. On the CPU none: the cores are busy with the model, and
+    in-process single-threaded augmentation measured faster on 2 cores. On CUDA the model waits for
+    data without them (the H200 run spent most of its time there), so 4, capped by the CPUs."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, available_cpus() - 1))
+
+
+def build_loss(tc) -> torch.nn.Module:
+    """Dice + BCE (default) or Dice + focal, both MONAI's, on logits; Dice over the whole batch
+    (as nnU-Net) so images without a lesion do not produce a degenerate per-image Dice."""
+    if tc.loss == "dice_focal":
+        return DiceFocalLoss(sigmoid=True, batch=True, lambda_dice=tc.lambda_dice, lambda_focal=tc.lambda_bce)
+    return DiceCELoss(sigmoid=True, batch=True, lambda_dice=tc.lambda_dice, lambda_ce=tc.lambda_bce)
+
+
+def validate(model: torch.nn.Module, cached: CachedSet, device: torch.device, threshold: float,
+             batch_size: int = 8) -> np.ndarray:
+    """Per-image Dice on whole validation images at their original size (NaN where both empty), through
+    the same batch function as every other inference; the folded fp32 backend gives eager's numbers."""
+    model.eval()
+    runner = make_backend(model, "torch-fast", device)
+    scores = []
+    for start in range(0, len(cached.names), batch_size):
+        stop = start + batch_size
+        probs = predict_boxed([runner], cached.images[start:stop], cached.boxes[start:stop], (), device)
+        scores.extend(dice(p >= threshold, ref)[0] for p, ref in zip(probs, cached.orig_masks[start:stop]))
+    return np.asarray(scores, np.float64)
+
+
+def nanmean_or(values: np.ndarray, default: float = float("nan")) -> float:
+    values = np.asarray(values, np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else default
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist()}
+
+
+# --- the run folder ------------------------------------------------------------------------------------
+
+
+def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse what would mix two runs in one folder; with `overwrite`, clear the old run's files."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: the run folder is a file")
+    if resume:
+        if not (out / "last.pt").is_file() or not (out / "config.json").is_file():
+            raise RunFolderError(f"{out}: nothing to resume (no last.pt and config.json); start a fresh run")
+        return
+    remove_stale_temps(out)
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not present:
+        return
+    if not overwrite:
+        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        raise RunFolderError(f"{out}: the run folder is not empty ({shown}); pass --overwrite to replace the "
+                             "run there, or --resume to continue it")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _choose_split(cfg: RunConfig, data: LoadedDataset, split: Mapping | None) -> dict:
+    if split is None and cfg.data.split_file:
+        split = load_split(cfg.data.split_file)
+    if split is None:
+        groups = read_groups(cfg.data.groups_file) if cfg.data.groups_file else find_groups(cfg.data.root)
+        split = split_train_val([s.name for s in data.samples], cfg.data.val_fraction, cfg.data.split_seed, groups)
+    _check_split_names(split, data)
+    return {"train": list(split["train"]), "val": list(split["val"])}
+
+
+def _check_split_names(split: Mapping, data: LoadedDataset, where: str = "split") -> None:
+    missing = [n for part in ("train", "val") for n in split[part] if n not in data.images]
+    if missing:
+        raise ValueError(f"{where} names {len(missing)} scan(s) not in {data.root}, e.g. {missing[0]!r}")
+
+
+def _what_changed(state: dict, split: Mapping, data: LoadedDataset) -> str:
+    """A one-line account of how the data differs from what the run was trained on."""
+    known = set(split["train"]) | set(split["val"])
+    now = set(data.images)
+    gone, new = natural_sorted(known - now), natural_sorted(now - known)
+    parts = []
+    if gone:
+        parts.append(f"{len(gone)} scan(s) gone (e.g. {gone[0]!r})")
+    if new:
+        parts.append(f"{len(new)} new scan(s) (e.g. {new[0]!r})")
+    if not parts:
+        parts.append("same scan names, different file contents")
+    return (f"fingerprint {state.get('data_fingerprint')} -> {data.fingerprint}: " + ", ".join(parts))
+
+
+def _settings_changed(saved: dict, cfg: RunConfig) -> list[str]:
+    """Settings (outside data.root, which may move) that differ between the run and `cfg`."""
+    now = cfg.to_dict()
+    changed = []
+    for section in ("data", "model", "augment", "train", "inference"):
+        for key, value in now[section].items():
+            old = saved.get(section, {}).get(key, value)
+            if key != "root" and (list(old) if isinstance(old, tuple) else old) != \
+                    (list(value) if isinstance(value, tuple) else value):
+                changed.append(f"{key} {old!r} -> {value!r}")
+    return changed
+
+
+def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+        on_epoch_end: Callable[[int, dict], None] | None = None, dataset: LoadedDataset | None = None,
+        split: Mapping | None = None, overwrite: bool = False, allow_changed_data: bool = False,
+        epochs: int | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Train per `cfg`, writing the run folder described above. Returns the final summary dict.
+
+    `dataset` is the data already read by `load_dataset` (read here when not given); `split` a fixed
+    {"train", "val"} split (cross-validation folds); `epochs` extends a resumed run to that many epochs;
+    `clock` measures time for the budget (a test passes a fake one). `on_epoch_end(epoch, row)` is
+    called after each epoch's metrics are written (a hook for callers that log elsewhere or stop early
+    by raising)."""
+    t_start = clock()
+    out = Path(out_dir)
+    tc = cfg.train
+    _claim_run_folder(out, resume, overwrite)
+    data = dataset or load_dataset(cfg.data.root, cfg.data.mask_threshold, cfg.data.max_pixels, progress)
+
+    state = None
+    if resume:
+        state = load_checkpoint(out / "last.pt")
+        split = load_split(out / "splits.json")
+        changed = _settings_changed(RunConfig.from_dict(state["config"]).to_dict(), cfg)
+        if changed:
+            raise RunFolderError(f"{out}: resume must keep the run's settings; changed: {'; '.join(changed)}")
+        if state.get("data_fingerprint") != data.fingerprint:
+            message = f"{cfg.data.root}: the data changed since {out} was trained ({_what_changed(state, split, data)})"
+            if not allow_changed_data:
+                raise RunFolderError(message + "; pass --allow-changed-data to resume on it anyway")
+            log.warning("%s; resuming anyway (--allow-changed-data)", message)
+        _check_split_names(split, data, f"{out / 'splits.json'}")
+    else:
+        split = _choose_split(cfg, data, split)
+    train_set = cache_samples(split["train"], data, cfg.data.size, cfg.data.normalize)
+    val_set = cache_samples(split["val"], data, cfg.data.size, cfg.data.normalize)
+    if len(train_set.names) == 0:
+        raise ValueError(f"{cfg.data.root}: the training split is empty")
+
+    device = select_device(tc.device)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    model = build_model(cfg.model).to(device)
+    amp = use_bf16(tc.precision, device)
+    # measured on a 2-core AVX-512/AMX CPU: fp32 steps run ~1.2-1.4x faster in channels_last, bf16 steps
+    # ~1.3x faster in the default NCHW layout
+    channels_last = device.type == "cpu" and not amp
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    loss_fn = build_loss(tc)
+    drop_last = len(train_set.names) > tc.batch_size
+    steps_per_epoch = len(train_set.names) // tc.batch_size if drop_last else 1
+    warmup_steps = max(1, round(tc.warmup_epochs * steps_per_epoch))
+    plan = {"epochs": tc.epochs}  # mutable: a time budget rewrites it after the first epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, plan["epochs"] * steps_per_epoch))
+
+    start_epoch, best_dice, history, elapsed_before = 1, -1.0, [], 0.0
+    workers = loader_workers(tc.num_workers, device)
+    meta = {
+        "hemaseg_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "device": str(device), "cpu": describe_cpu(), "data_fingerprint": data.fingerprint,
+        "n_train": len(train_set.names), "n_val": len(val_set.names), "loader_workers": workers,
+        "bf16_autocast": amp,
+    }
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        done = state["epoch"]
+        plan["epochs"] = state["planned_epochs"] if epochs is None else epochs
+        if plan["epochs"] < done:
+            raise RunFolderError(f"{out}: the run has already trained {done} epochs; --epochs must be at least "
+                                 f"that (it extends a run, it cannot shorten one)")
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch, best_dice, history = done + 1, state["best_dice"], list(state["history"])
+        elapsed_before = state.get("elapsed_s", 0.0)
+        _append_history(out, {"event": "resume", "at_epoch": done, "planned_epochs": plan["epochs"],
+                              "data_fingerprint": data.fingerprint, "allow_changed_data": allow_changed_data,
+                              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **{
+                                  k: meta[k] for k in ("hemaseg_version", "device", "bf16_autocast")}})
+        log.info("resuming %s at epoch %d of %d", out, start_epoch, plan["epochs"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(split, out / "splits.json")
+        cfg.save(out / "config.json", {"meta": meta, "history": []})
+    remove_stale_temps(out)
+    dataset_ = AugmentedPairs(train_set, build_augmentation(cfg.augment, cfg.data.size), tc.seed)
+    del data  # the letterboxed cache is all training needs from here on
+
+    run_config = state["config"] if state is not None else cfg.to_dict()  # a resume keeps the original
+
+    def payload(epoch: int, metrics: dict, weights: dict | None = None) -> dict:
+        return {"version": __version__, "config": run_config,
+                "model": model.state_dict() if weights is None else weights, "epoch": epoch, "metrics": metrics,
+                "data_fingerprint": meta["data_fingerprint"]}
+
+    sampler = EpochSampler(len(dataset_), tc.seed)
+    # one loader for the whole run: worker processes start once, not every epoch
+    loader = DataLoader(dataset_, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        worker_init_fn=_quiet_worker if workers else None, pin_memory=device.type == "cuda")
+    bar = tqdm(total=plan["epochs"], initial=start_epoch - 1, desc="train", unit="epoch", disable=not progress)
+    best_payload, last_flush = None, -math.inf
+    epoch = start_epoch
+    while epoch <= plan["epochs"]:
+        t_epoch = clock()
+        model.train()
+        sampler.epoch = epoch
+        losses = []
+        for x, y in loader if workers else single_threaded_batches(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        scores = (validate(model, val_set, device, cfg.inference.threshold, tc.batch_size)
+                  if len(val_set.names) else np.array([]))
+        val_dice = nanmean_or(scores)
+        now = clock()
+        epoch_s = now - t_epoch
+        elapsed = elapsed_before + now - t_start
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+               "val_dice": val_dice, "epoch_s": round(epoch_s, 3), "elapsed_s": round(elapsed, 3)}
+        history.append(row)
+        if tc.budget_minutes is not None and state is None:
+            _fit_epochs_to_budget(plan, tc.budget_minutes * 60, elapsed, history, epoch)
+            bar.total = plan["epochs"]
+        score = -1.0 if math.isnan(val_dice) else val_dice
+        if score > best_dice:
+            best_dice = score
+            best_payload = payload(epoch, row, _cpu_copy(model.state_dict()))  # kept until the next flush
+        # A large model's last.pt is ~400 MB: written after every few-second epoch, it made the disk the
+        # bottleneck. So between the first and the last epoch a checkpoint is written once leaving it
+        # out would risk more than checkpoint_every_s of work (see the module docstring).
+        due = epoch == start_epoch or epoch >= plan["epochs"] or \
+            clock() - last_flush + epoch_s > tc.checkpoint_every_s
+        if due:
+            if best_payload is not None:
+                save_checkpoint(out / "best.pt", best_payload)
+                best_payload = None
+            save_checkpoint(out / "last.pt", {
+                **payload(epoch, row), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "best_dice": best_dice, "history": history, "planned_epochs": plan["epochs"],
+                "elapsed_s": elapsed,
+            })
+            last_flush = clock()
+        _write_metrics(out, history)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_dice=f"{val_dice:.3f}")
+        bar.update(1)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        epoch += 1
+    bar.close()
+    plot_curves(history, out / "curves.png")
+    best = max(history, key=lambda h: -1 if math.isnan(h["val_dice"]) else h["val_dice"])
+    summary = {"run": str(out), "epochs": plan["epochs"], "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
+               "last_val_dice": history[-1]["val_dice"], "train_s": round(clock() - t_start, 1),
+               "elapsed_s": history[-1]["elapsed_s"], "n_train": len(train_set.names), "n_val": len(val_set.names),
+               "images_seen": plan["epochs"] * steps_per_epoch * tc.batch_size if drop_last
+               else plan["epochs"] * len(train_set.names),
+               "cpu": meta["cpu"]["model"], "device": meta["device"], "bf16_autocast": amp}
+    if tc.budget_minutes is not None:
+        summary["budget_minutes"] = tc.budget_minutes
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _append_history(out: Path, event: dict) -> None:
+    """config.json keeps the run's original settings; a resume is appended to its history."""
+    saved = json.loads((out / "config.json").read_text())
+    saved.setdefault("history", []).append(event)
+    atomic_write_text(out / "config.json", json.dumps(saved, indent=2))
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _fit_epochs_to_budget(plan: dict, budget_s: float, elapsed_s: float, history: list[dict], epoch: int) -> None:
+    """Set the planned epoch count so the run ends inside the budget, from the measured epoch time
+    (the first epoch's is excluded once later ones exist: it pays one-off warm-up costs)."""
+    times = [h["epoch_s"] for h in history[1:]] or [history[0]["epoch_s"]]
+    per_epoch = float(np.median(times))
+    plan["epochs"] = max(epoch, epoch + int((budget_s - elapsed_s) / per_epoch))
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def configure(data_root: str | Path, preset: str = "default", overrides: Mapping | None = None,
+              base: Mapping | None = None, progress: bool = False) -> tuple[RunConfig, LoadedDataset]:
+    """Read the dataset once and resolve the run's config from its statistics (`config.resolve_config`):
+    what `hemaseg train`, `hemaseg cv`, `train_model`, the demo and the benchmarks all do."""
+    overrides = dict(overrides or {})
+    base_data = (base or {}).get("data", {})
+    mask_threshold = overrides.get("mask_threshold", base_data.get("mask_threshold"))
+    max_pixels = overrides.get("max_pixels") or base_data.get("max_pixels") or RunConfig().data.max_pixels
+    data = load_dataset(data_root, mask_threshold, max_pixels, progress)
+    device = overrides.get("device") or (base or {}).get("train", {}).get("device") or "auto"
+    cfg = resolve_config(data_root, preset, data.stats, select_device(device).type, overrides, base)
+    if cfg.plan is not None:
+        log.info(cfg.plan.describe(cfg))
+    return cfg, data
+
+
+def train_model(data: str | Path, out: str | Path, preset: str = "default", overwrite: bool = False,
+                progress: bool = True, **overrides) -> dict:
+    """Python API: `hemaseg.train_model("data/", "runs/x", epochs=20, size=256)`; any setting of any
+    config section as a keyword (`config.SETTINGS`), on top of `preset` adapted to the data."""
+    cfg, loaded = configure(data, preset, overrides)
+    return fit(cfg, out, dataset=loaded, overwrite=overwrite, progress=progress)
+
+
+def resumed_config(run: str | Path, data_root: str | Path | None = None) -> RunConfig:
+    """The config of the run in `run` (its data at `data_root` if the data has moved)."""
+    cfg = RunConfig.load(Path(run) / "config.json")
+    if data_root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
+    return cfg

@@ -284,10 +284,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         m = self.model.size_multiple
         if self.data.size % m:
-            fit = max(m, round(self.data.size / m) * m)
+            lo, hi = max(m, self.data.size // m * m), -(-self.data.size // m) * m
             raise ConfigError("size", f"must be a multiple of {m} for model {self.model.arch!r} (depth "
                                       f"{4 if self.model.arch == 'seed' else self.model.depth}); got "
-                                      f"{self.data.size}, try {fit}")
+                                      f"{self.data.size}, try {lo}" + (f" or {hi}" if hi != lo else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,6 +19,12 @@ from hemaseg.training.train import configure, fit
 DEMO_PRESET = "seed"
 
 
+def demo_overrides(size: int = 128, seed: int = 0, epochs: int | None = None, budget_minutes: float | None = 3.0,
+                   precision: str = "auto") -> dict:
+    """What the demo sets on top of its preset (the rest is resolved like any run's config)."""
+    return {"size": size, "seed": seed, "epochs": epochs or 1, "budget_minutes": budget_minutes, "precision": precision}
+
+
 def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, epochs: int | None = None,
              seed: int = 0, budget_minutes: float | None = 3.0, progress: bool = True,
              precision: str = "auto") -> dict[str, Path]:
@@ -27,8 +33,7 @@ def run_demo(out: str | Path, n: int = 300, n_test: int = 60, size: int = 128, e
     t0 = time.perf_counter()
     data = write_synthetic_dataset(out / "data", n, size=size, seed=seed, progress=progress)
     test = write_synthetic_dataset(out / "test", n_test, size=size, seed=seed + 10_000, progress=progress)
-    cfg, loaded = configure(data, DEMO_PRESET, {"size": size, "seed": seed, "epochs": epochs or 1,
-                                                "budget_minutes": budget_minutes, "precision": precision})
+    cfg, loaded = configure(data, DEMO_PRESET, demo_overrides(size, seed, epochs, budget_minutes, precision))
     run = out / "run"
     train_summary = fit(cfg, run, progress=progress, dataset=loaded, overwrite=True)  # a rerun replaces the demo
     predictor = load_model(run)

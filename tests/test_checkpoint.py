@@ -63,7 +63,7 @@ def test_run_folder_resolves_to_best_then_last(tmp_path):
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="unknown key.*epochz"):
         RunConfig.from_dict({"train": {"epochz": 3}})
-    with pytest.raises(ConfigError, match="^size must be a multiple of 16 .* try 96"):
+    with pytest.raises(ConfigError, match="^size must be a multiple of 16 .* try 96 or 112"):
         RunConfig(data=DataConfig(size=100))  # a rule that spans sections: the model's depth divides the size
     with pytest.raises(ConfigError, match="^lr must be > 0"):
         TrainConfig(lr=0)

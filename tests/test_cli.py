@@ -130,3 +130,62 @@ def test_cli_backend_choices_are_the_registry():
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
                   if a.dest == "backend")
     assert action.choices == list(BACKENDS) and action.default == "auto"
+
+
+def _disk_full(monkeypatch, module_names):
+    """Every atomic write raises ENOSPC, the way a full disk does (wrapped by torch for checkpoints)."""
+    import errno
+    import importlib
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    for name in module_names:
+        module = importlib.import_module(name)
+        for attr in ("atomic_write", "atomic_write_bytes", "atomic_write_text", "save_png"):
+            if hasattr(module, attr):
+                monkeypatch.setattr(module, attr, full)
+
+
+@pytest.mark.parametrize("command", ["synth", "train", "resume", "evaluate"])
+def test_a_full_disk_is_one_line_and_exit_code_3(command, tiny_data, tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    args = {"synth": ["synth", str(tmp_path / "s"), "--n", "2", "--size", "32"],
+            "train": ["train", str(tiny_data), "--out", str(tmp_path / "r"), "--size", "32", "--epochs", "1"],
+            "resume": ["train", "--resume", str(tmp_path / "copy"), "--epochs", "3"],
+            "evaluate": ["evaluate", str(tiny_run), str(tiny_data), "--out", str(tmp_path / "e")]}[command]
+    shutil.copytree(tiny_run, tmp_path / "copy")
+    _disk_full(monkeypatch, ["hemaseg.io", "hemaseg.models.checkpoint", "hemaseg.data.synth", "hemaseg.data.dataset",
+                             "hemaseg.training.train", "hemaseg.evaluation.evaluate", "hemaseg.evaluation.report",
+                             "hemaseg.config"])
+    assert main(["-q", *args]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "Traceback" not in err, err
+
+
+def test_out_pointing_at_a_file_and_unexpected_errors_are_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["-q", "train", str(tiny_data), "--out", str(tmp_path / "f"), "--size", "32", "--epochs", "1"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    import hemaseg.cli as cli
+
+    def bug(args):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setitem(cli.COMMANDS, "check", bug)
+    assert main(["-q", "check", str(tiny_data)]) == 4
+    assert capsys.readouterr().err.strip() == ("hemaseg check: error: internal error: ZeroDivisionError: oops "
+                                               "(run with --debug for the traceback)")
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "check", str(tiny_data)])
+
+
+def test_resume_refuses_flags_that_would_change_the_run_and_accepts_moved_data(tiny_data, tiny_run, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    assert main(["-q", "train", "--resume", str(tmp_path / "run"), "--lr", "0.5"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    shutil.copytree(tiny_data, tmp_path / "moved")
+    assert main(["-q", "train", str(tmp_path / "moved"), "--resume", str(tmp_path / "run"), "--epochs", "3"]) == 0

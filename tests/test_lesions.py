@@ -1,9 +1,10 @@
 """Lesion geometry: outlines traced by hand-checkable rules, areas and boxes consistent with the mask."""
 
 import numpy as np
+import torch
 from scipy import ndimage
 
-from hemaseg.measure.lesions import find_lesions, trace_outline
+from hemaseg.measure.lesions import count_lesions, find_lesions, trace_outline
 
 
 def test_square_outline_is_its_border_clockwise_from_top_left():
@@ -47,3 +48,47 @@ def test_find_lesions_counts_sorts_and_caps():
     n, capped = find_lesions(m, max_lesions=1)
     assert n == 3 and len(capped) == 1 and capped[0].area_px == 200
     assert find_lesions(np.zeros((4, 4), bool)) == (0, [])
+
+
+def _diagonal(h=12, w=12):
+    m = np.zeros((h, w), bool)
+    m[4:6, 4:6] = True
+    m[6:8, 6:8] = True  # touches the first square at one corner only
+    return m
+
+
+class _Fixed(torch.nn.Module):
+    """A 'network' whose probability map is the diagonal mask itself (input size = scan size)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.logits = torch.from_numpy(np.where(mask, 10.0, -10.0).astype(np.float32))
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], 1, *self.logits.shape).clone()
+
+
+def test_two_squares_touching_at_a_corner_are_one_lesion_on_every_path(tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from hemaseg.config import DataConfig, RunConfig
+    from hemaseg.evaluation.metrics import match_lesions
+    from hemaseg.inference.files import predict_files
+    from hemaseg.inference.postprocess import keep_largest, remove_small
+    from hemaseg.inference.predictor import Predictor
+    from hemaseg.serve import create_app
+
+    mask = _diagonal(16, 16)
+    assert count_lesions(mask) == 1 and find_lesions(mask)[0] == 1
+    assert match_lesions(mask, mask) == {"tp": 1, "fp": 0, "fn": 0}  # evaluate
+    assert remove_small(mask, 8).sum() == 8 and keep_largest(mask).sum() == 8  # postprocess keeps it whole
+    predictor = Predictor(_Fixed(mask), RunConfig(data=DataConfig(size=16)), device="cpu", backend="torch")
+    assert predictor.predict(np.zeros((16, 16), np.uint8)).n_lesions == 1  # Python API
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "scan.png")
+    result = predict_files(predictor, [tmp_path / "scan.png"], tmp_path / "out", progress=False)
+    assert result.rows[0]["n_lesions"] == 1  # predict / predictions.csv
+    with TestClient(create_app(predictor)) as client:
+        body = client.post("/v1/segment", files={"file": ("s.png", (tmp_path / "scan.png").read_bytes(),
+                                                           "image/png")}).json()
+    assert body["n_lesions"] == len(body["lesions"]) == 1 and body["lesions"][0]["area_px"] == 8  # serve

@@ -56,6 +56,18 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_data, tmp_pat
     assert [h["val_dice"] for h in full["history"]] == [h["val_dice"] for h in cut["history"]]
 
 
+def test_a_budget_fits_the_epochs_to_the_time_on_a_fake_clock(tiny_data, tmp_path):
+    """Every clock reading advances 1 s, so an epoch 'takes' a fixed time whatever the machine does."""
+    ticks = iter(range(10**6))
+    summary = fit(tiny_config(tiny_data, epochs=1, budget_minutes=0.5), tmp_path / "run", progress=False,
+                  clock=lambda: float(next(ticks)))
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    per_epoch = history[2]["elapsed_s"] - history[1]["elapsed_s"]  # wall time per epoch, checkpoints included
+    assert summary["epochs"] == len(history) > 3
+    assert 30 - 2 * per_epoch < history[-1]["elapsed_s"] <= 30
+
+
+@pytest.mark.slow
 def test_a_one_minute_budget_stops_within_15_percent(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, epochs=1, budget_minutes=1.0)
     t = time.perf_counter()
@@ -151,3 +163,149 @@ def test_auto_precision_uses_bf16_exactly_where_it_is_native_and_records_it(tiny
     fit(tiny_config(tiny_data, epochs=1), tmp_path / "run", progress=False)
     meta = json.loads((tmp_path / "run" / "config.json").read_text())["meta"]
     assert meta["bf16_autocast"] == bf16_supported(cpu)
+
+
+def test_a_model_learns_a_handful_of_scans(tmp_path):
+    """Overfitting 8 synthetic scans must reach a high Dice in seconds: the whole loop learns."""
+    from hemaseg.data.synth import write_synthetic_dataset
+    from hemaseg.training.train import train_model
+
+    import hemaseg
+    from hemaseg.evaluation.evaluate import evaluate
+
+    data = write_synthetic_dataset(tmp_path / "data", 10, size=32, seed=5, progress=False)
+    split = {"train": [str(i) for i in range(1, 9)], "val": ["9", "10"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    train_model(data, tmp_path / "run", preset="seed", size=32, epochs=100, batch_size=2, lr=1e-2,
+                augment=False, split_file=str(tmp_path / "split.json"), progress=False)
+    model = hemaseg.load_model(tmp_path / "run" / "last.pt", device="cpu")
+    result = evaluate(model, data, names=split["train"], progress=False)
+    assert result["summary"]["dice_mean"] > 0.9, result["summary"]["dice_mean"]
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tiny_data, tiny_run, tmp_path):
+    import shutil
+
+    from hemaseg.training.train import RunFolderError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "splits.json").read_text()
+    with pytest.raises(RunFolderError, match="not empty.*--overwrite"):
+        fit(tiny_config(tiny_data, epochs=1, val_fraction=0.5, split_seed=7), run, progress=False)
+    assert (run / "splits.json").read_text() == before  # nothing touched
+    fit(tiny_config(tiny_data, epochs=1, val_fraction=0.5, split_seed=7), run, progress=False, overwrite=True)
+    split = load_split(run / "splits.json")
+    assert len(split["val"]) == 8  # the new settings' split, not the old folder's
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        fit(tiny_config(tiny_data, epochs=1), run / "config.json", progress=False)
+
+
+def test_a_failed_run_writes_nothing_and_a_rerun_after_fixing_the_data_works(tiny_data, tmp_path):
+    import shutil
+
+    from hemaseg.data.images import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "images" / "3.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match="3.png"):
+        fit(tiny_config(data, epochs=1), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (data / "images" / "3.png").unlink()
+    (data / "mask" / "3.png").unlink()
+    fit(tiny_config(data, epochs=1), tmp_path / "run", progress=False)
+    assert len(sum(load_split(tmp_path / "run" / "splits.json").values(), [])) == 15
+
+
+def test_resume_refuses_changed_data_and_settings_and_records_what_it_accepts(tiny_data, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from hemaseg.training.train import RunFolderError
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    cfg = tiny_config(data, epochs=2)
+    fit(cfg, run, progress=False)
+    original = json.loads((run / "config.json").read_text())
+    img = np.asarray(Image.open(data / "images" / "5.png")).copy()
+    img[0, 0] ^= 255
+    Image.fromarray(img).save(data / "images" / "5.png")  # same names, other pixels
+    with pytest.raises(RunFolderError, match="data changed .* same scan names, different file contents"):
+        fit(cfg, run, resume=True, progress=False, epochs=3)
+    with pytest.raises(RunFolderError, match=r"changed: lr 0.003 -> 0.1"):
+        fit(tiny_config(data, epochs=2, lr=0.1), run, resume=True, progress=False, allow_changed_data=True)
+    with pytest.raises(RunFolderError, match="already trained 2 epochs"):
+        fit(cfg, run, resume=True, progress=False, epochs=1, allow_changed_data=True)
+    fit(cfg, run, resume=True, progress=False, epochs=3, allow_changed_data=True)
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: saved[k] for k in ("data", "model", "train")} == {k: original[k] for k in ("data", "model", "train")}
+    assert [h["event"] for h in saved["history"]] == ["resume"] and saved["history"][0]["allow_changed_data"]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed_at_the_next_start(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=1)
+    fit(cfg, tmp_path / "run", progress=False)
+    (tmp_path / "run" / ".last.pt.abcd1234.tmp").write_bytes(b"half a checkpoint")
+    fit(cfg, tmp_path / "run", resume=True, progress=False, epochs=2)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_never_costs_the_run(tiny_data, tmp_path):
+    """Ten SIGKILLs, each while a checkpoint is half written (writes are slowed so the kill lands inside
+    one); every restart resumes; the final model equals an uninterrupted run's, and no temp is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    epochs = 14
+    script = f"""
+import sys, time, hemaseg.io as io
+real = io.atomic_write
+def slow(path, write, fsync=True):
+    def halves(f):
+        write(f); f.flush(); time.sleep(0.4)
+    return real(path, halves, fsync)
+io.atomic_write = slow
+import hemaseg.models.checkpoint as ck
+ck.atomic_write = slow
+import torch; torch.set_num_threads(1)
+from hemaseg.config import resolve_config
+from hemaseg.training.train import fit
+cfg = resolve_config({str(tiny_data)!r}, "seed", None, "cpu",
+                     {{"size": 32, "epochs": {epochs}, "batch_size": 4, "checkpoint_every_s": 0}})
+resume = sys.argv[1] == "resume"
+fit(cfg, {str(tmp_path / 'killed')!r}, resume=resume, overwrite=not resume, progress=False)
+"""
+    run = tmp_path / "killed"
+    kills = 0
+    for attempt in range(40):
+        resume = (run / "last.pt").is_file()
+        proc = subprocess.Popen([sys.executable, "-c", script, "resume" if resume else "fresh"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if kills < 10 and list(run.glob(".last.pt.*.tmp")):  # a checkpoint is being written now
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.wait(timeout=120)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert kills == 10 and proc.returncode == 0
+    assert not list(run.glob("*.tmp"))
+    fit(tiny_config(tiny_data, epochs=epochs, checkpoint_every_s=0), tmp_path / "whole", progress=False)
+    killed, whole = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert killed["epoch"] == whole["epoch"] == epochs
+    for k in whole["model"]:
+        assert torch.equal(killed["model"][k], whole["model"][k]), k

@@ -239,8 +239,10 @@ def _claim_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         return
     if not overwrite:
         shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        hint = ("--resume to continue it" if (out / "last.pt").is_file() else
+                "it has no last.pt, so there is nothing to resume: a run killed in its first epoch starts over")
         raise RunFolderError(f"{out}: the run folder is not empty ({shown}); pass --overwrite to replace the "
-                             "run there, or --resume to continue it")
+                             f"run there ({hint})")
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
 
@@ -474,10 +476,12 @@ def _cpu_copy(state: dict) -> dict:
 
 
 def _fit_epochs_to_budget(plan: dict, budget_s: float, elapsed_s: float, history: list[dict], epoch: int) -> None:
-    """Set the planned epoch count so the run ends inside the budget, from the measured epoch time
-    (the first epoch's is excluded once later ones exist: it pays one-off warm-up costs)."""
-    times = [h["epoch_s"] for h in history[1:]] or [history[0]["epoch_s"]]
-    per_epoch = float(np.median(times))
+    """Set the planned epoch count so the run ends inside the budget, from the measured wall time per
+    epoch: the gaps between epochs' elapsed times, which include checkpoint writes (the first epoch's is
+    excluded once later ones exist: it pays one-off warm-up costs)."""
+    gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(history[1:], history[2:])]
+    times = gaps or [h["epoch_s"] for h in history[1:]] or [history[0]["epoch_s"]]
+    per_epoch = max(float(np.median(times)), 1e-6)
     plan["epochs"] = max(epoch, epoch + int((budget_s - elapsed_s) / per_epoch))
 
 

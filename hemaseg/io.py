@@ -3,8 +3,10 @@
 Every output hemaseg writes (checkpoints, configs, CSVs, PNGs, reports) goes through `atomic_write`:
 a temp file in the target's folder, fsync, then a rename over the target, so a reader sees the old
 file or the new one, never a mix. A write killed midway leaves only its temp file, which
-`remove_stale_temps` clears at the next start. Files get the permissions the user's umask gives
-(a temp file alone would be 0600).
+`remove_stale_temps` clears at the next start. Files get the permissions the user's umask gives: the
+temp file is created with mode 0666 and the kernel applies the umask (and any default ACL) as it does
+for every new file. (mkstemp's 0600 would need a chmod with the umask, and the umask can only be read by
+setting it, which races with every other thread that creates a file meanwhile.)
 """
 
 from __future__ import annotations
@@ -13,30 +15,41 @@ import io
 import math
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what mkstemp(prefix=".NAME.", suffix=".tmp") makes
+# `.NAME.XXXXXXXX.tmp`: what _create_temp makes, and what mkstemp(prefix=".NAME.", suffix=".tmp") made
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, empty temp file beside `path`: (fd, name). Mode 0666 before the umask, so the file ends up
+    with the permissions any new file of this user gets; O_EXCL, so it is never someone else's file."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {path}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], fsync: bool = True) -> Path:
     """Call `write(file)` on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -87,3 +87,22 @@ def test_a_failing_parallel_fold_is_reported_by_number(tiny_data, tmp_path):
     broken = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(tmp_path / "missing")))
     with pytest.raises(RuntimeError, match=r"fold\(s\) 0, 1 failed"):
         train_folds(broken, tmp_path, split, progress=False, jobs=2)
+
+
+def test_report_of_a_cv_reads_what_cv_wrote_and_recomputes_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+    import hemaseg.inference.predictor as predictor
+    from hemaseg.cli import main
+
+    out = tmp_path / "cv"
+    run_cv(tiny_config(tiny_data, epochs=1), out, folds=2, seed=0, progress=False)
+    decided = {n: (out / n).read_bytes() for n in ("postprocessing.json", "confidence.json", "cv_summary.json")}
+    (out / "report.html").unlink()
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("report must not predict")
+
+    monkeypatch.setattr(predictor.Predictor, "predict_proba_batch", no_prediction)
+    assert main(["-q", "report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Cross-validation: 2 folds" in html and html.count("<figure class=\"case\"") >= 1
+    assert {n: (out / n).read_bytes() for n in decided} == decided

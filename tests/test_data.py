@@ -477,3 +477,72 @@ def test_sample_is_frozen():
     s = Sample("a", Path("a.png"), (Path("m.png"),))
     with pytest.raises(AttributeError):
         s.name = "b"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------- symlinks
+
+
+def test_broken_symlinks_and_loops_are_problems_naming_the_file(tmp_path):
+    """Not skipped (is_file() is False for both), so neither hides from `check` nor makes its partner
+    look unpaired; a link to a real image still pairs and reads."""
+    make_dataset(tmp_path, names=["a", "b", "c", "d", "e", "f"])
+    images, masks = tmp_path / "images", tmp_path / "mask"
+    real = save(tmp_path / "elsewhere" / "d.png", scan(seed=9))
+    (images / "d.png").unlink()
+    (images / "d.png").symlink_to(real)
+    for link, target in [(masks / "b.png", "gone.png"), (images / "e.png", tmp_path / "nowhere" / "e.png")]:
+        link.unlink()
+        link.symlink_to(target)
+    (masks / "c.png").unlink()
+    (masks / "c.png").symlink_to("c.png")  # points at itself
+    (images / "f.png").unlink()
+    (images / "f.png").symlink_to("f2.png")
+    (images / "f2.png").symlink_to("f.png")  # and round again
+
+    report = check_dataset(tmp_path)
+    nowhere = tmp_path / "nowhere" / "e.png"
+    expected = {
+        masks / "b.png": "broken symbolic link (points to gone.png, which does not exist)",
+        images / "e.png": f"broken symbolic link (points to {nowhere}, which does not exist)",
+        masks / "c.png": "symbolic link loop",
+        images / "f.png": "symbolic link loop",
+        images / "f2.png": "symbolic link loop",
+    }
+    assert sorted(p.path for p in report.problems) == sorted(expected)  # no "image without mask" for b, c
+    assert all(p.problem.startswith(expected[p.path]) for p in report.problems)
+    assert f"ERROR {masks / 'b.png'}: broken symbolic link" in report.format()
+    assert (report.n_images, report.n_masks, report.n_pairs) == (7, 6, 2)
+    assert report.sizes == {(8, 6): 2}  # a, and d through its link
+    with pytest.raises(DataError, match="symbolic link"):
+        find_samples(tmp_path)
+    samples = find_samples(tmp_path, strict=False)
+    assert [s.name for s in samples] == ["a", "d"]
+    np.testing.assert_array_equal(load_sample(samples[1])[0], read_image(real))
+
+
+def test_broken_link_beside_a_good_mask_part_keeps_the_pair_out(tmp_path):
+    """Merging the parts that remain would train on a mask missing a lesion."""
+    save(tmp_path / "images" / "a.png", scan())
+    save(tmp_path / "mask" / "a_mask_1.png", lesion())
+    (tmp_path / "mask" / "a_mask_2.png").symlink_to("lost.png")
+    with pytest.raises(DataError, match=r"broken symbolic link \(points to lost.png") as info:
+        find_samples(tmp_path)
+    assert info.value.path == tmp_path / "mask" / "a_mask_2.png"
+    assert find_samples(tmp_path, strict=False) == []
+
+
+# --------------------------------------------------------------------------------------------- pixel limit
+
+
+def test_pixel_limit_errors_name_the_flag_that_raises_it(tmp_path, monkeypatch):
+    big = save(tmp_path / "images" / "big.png", scan(40, 50))
+    save(tmp_path / "mask" / "big.png", lesion(40, 50))
+    for read in (read_image, read_mask):
+        with pytest.raises(DataError, match="exceeds the limit") as info:
+            read(big, max_pixels=1000)
+        assert "--max-pixels" in str(info.value)
+    report = check_dataset(tmp_path, max_pixels=1000)
+    assert len(report.problems) == 2 and all("--max-pixels" in p.problem for p in report.problems)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own guard, past ours
+    with pytest.raises(DataError, match="--max-pixels"):
+        read_image(big, max_pixels=None)

@@ -4,6 +4,7 @@ import base64
 import builtins
 import io
 import logging
+import os
 import struct
 import tempfile
 import threading
@@ -282,6 +283,50 @@ def test_api_key_guards_v1_only(predictor, scan):
         c.__exit__(None, None, None)
 
 
+def test_api_key_of_any_utf8_text_works_in_both_headers(predictor, scan):
+    """Clients send the key's UTF-8 bytes; Starlette hands the header over decoded as latin-1, so the key
+    only matches when both sides are compared as those bytes (and in constant time)."""
+    key = "clé-秘密"
+    raw = key.encode("utf-8")
+    c = make_client(predictor, api_key=key)
+    try:
+        assert c.get("/v1/model", headers={"X-API-Key": raw}).status_code == 200
+        assert c.get("/v1/model", headers={"Authorization": b"Bearer " + raw}).status_code == 200
+        r = c.post("/v1/segment", files={"file": ("a.png", scan, "image/png")}, headers={"X-API-Key": raw})
+        assert r.status_code == 200, r.text
+        latin1 = "clé".encode("latin-1") + "-秘密".encode()
+        for wrong in ("clé-秘蜜".encode(), raw[:-1], raw + b"x", latin1, key.encode("utf-16"), b"cl-", b""):
+            for headers in ({"X-API-Key": wrong}, {"Authorization": b"Bearer " + wrong}):
+                assert_error(c.get("/v1/model", headers=headers), 401, "unauthorized")
+    finally:
+        c.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t\n "])
+def test_empty_api_key_is_refused_when_the_app_is_made(predictor, key):
+    """An empty key would either lock every client out or, if treated as unset, serve without one."""
+    with pytest.raises(ValueError, match="--api-key is empty"):
+        create_app(predictor, Settings(api_key=key))
+
+
+def test_keep_uploads_naming_a_file_is_refused_at_start(predictor, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    with pytest.raises(ValueError, match="--keep-uploads must name a folder") as info:
+        create_app(predictor, Settings(keep_uploads=notes))
+    assert str(info.value).startswith(f"{notes}: ") and "\n" not in str(info.value)
+    assert notes.read_text() == "not a folder"
+    # a file, or a dangling link, that appears after the settings were made: the same one line
+    later, dangling = tmp_path / "later", tmp_path / "dangling"
+    settings = Settings(keep_uploads=later)
+    later.write_text("x")
+    dangling.symlink_to(tmp_path / "nowhere")
+    for path, s in ((later, settings), (dangling, Settings(keep_uploads=dangling))):
+        with pytest.raises(ValueError, match="--keep-uploads must name a folder") as info:
+            create_app(predictor, s)
+        assert str(info.value).startswith(f"{path}: ")
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="threshold"):
         Settings(threshold=1.0)
@@ -309,8 +354,16 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
             refuse()
         return real_open(file, mode, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def guarded_os_open(path, flags, *args, **kwargs):  # what hemaseg.io creates its temp files with
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse()
+        return real_os_open(path, flags, *args, **kwargs)
+
     for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
         monkeypatch.setattr(tempfile, name, refuse)
+    monkeypatch.setattr(os, "open", guarded_os_open)
     monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", refuse)
     monkeypatch.setattr(builtins, "open", guarded_open)
     r = post(client, big, format="png")
@@ -402,3 +455,39 @@ def test_serve_command_refuses_bad_flags(tiny_run, capsys):
 
     assert main(["serve", str(tiny_run), "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def _no_server(monkeypatch):
+    import uvicorn
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_serve_command_refuses_an_empty_key_from_flag_or_environment(tiny_run, monkeypatch, capsys, key):
+    from hemaseg.cli import main
+
+    _no_server(monkeypatch)
+    monkeypatch.delenv("HEMASEG_API_KEY", raising=False)
+    assert main(["serve", str(tiny_run), "--api-key", key]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hemaseg serve: error: --api-key is empty")
+    monkeypatch.setenv("HEMASEG_API_KEY", key)
+    assert main(["serve", str(tiny_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HEMASEG_API_KEY" in err
+
+
+def test_serve_command_refuses_keep_uploads_naming_a_file(tiny_run, tmp_path, monkeypatch, capsys):
+    from hemaseg.cli import main
+
+    _no_server(monkeypatch)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    assert main(["serve", str(tiny_run), "--keep-uploads", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hemaseg serve: error: {notes}: --keep-uploads must name a folder, and this is a file\n"
+    assert notes.read_text() == "not a folder"

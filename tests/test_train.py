@@ -309,3 +309,17 @@ fit(cfg, {str(tmp_path / 'killed')!r}, resume=resume, overwrite=not resume, prog
     assert killed["epoch"] == whole["epoch"] == epochs
     for k in whole["model"]:
         assert torch.equal(killed["model"][k], whole["model"][k]), k
+
+
+def test_train_decodes_each_file_once(tiny_data, tmp_path, monkeypatch):
+    """Plan statistics, fingerprint and cache come from one pass over the data."""
+    import hemaseg.data.dataset as dataset
+    from hemaseg.training.train import train_model
+
+    opened = []
+    real = dataset.open_image
+    monkeypatch.setattr(dataset, "open_image", lambda *a, **k: opened.append(1) or real(*a, **k))
+    real_decode = dataset.decode_image
+    monkeypatch.setattr(dataset, "decode_image", lambda *a, **k: opened.append(1) or real_decode(*a, **k))
+    train_model(tiny_data, tmp_path / "run", preset="seed", size=32, epochs=1, progress=False)
+    assert len(opened) == 32  # 16 images + 16 masks, each once

@@ -11,6 +11,7 @@ user can go straight to the file. Arrays are 2-D: images float32 HxW in [0, 1], 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -82,14 +83,37 @@ def find_dataset_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
     return images_dir, found[0]
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Supported image files (any suffix case), skipping hidden files such as macOS ``._12.png``."""
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    ]
+def _list_images(folder: Path, broken: dict[Path, DataError] | None = None) -> list[Path]:
+    """Supported image files (any suffix case), skipping hidden files such as macOS ``._12.png``.
+
+    A symbolic link that leads nowhere (dangling, or a loop) is listed too, with its problem put in
+    `broken`: skipping it would hide the file from `check`, or misreport its image as having no mask."""
+    files = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and (problem := _broken_link(p)) is not None:
+            files.append(p)
+            if broken is not None:
+                broken[p] = problem
     return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _broken_link(path: Path) -> DataError | None:
+    """Why the symbolic link `path` leads to no file, or None when it leads to something (e.g. a folder)."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return DataError(path, "symbolic link loop (it leads back to itself; point it at the real file)",
+                             "unreadable")
+        if isinstance(e, FileNotFoundError | NotADirectoryError):
+            problem = f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+            return DataError(path, problem, "missing")
+        return DataError(path, f"cannot read: {e.strerror or e}", "unreadable")
+    return None
 
 
 @dataclass
@@ -103,8 +127,9 @@ class _Pairing:
 def _pair(root: str | os.PathLike) -> _Pairing:
     """Pair images with masks and collect every pairing problem instead of stopping at the first."""
     images_dir, masks_dir = find_dataset_dirs(root)
-    images, masks = _list_images(images_dir), _list_images(masks_dir)
-    problems: list[DataError] = []
+    broken: dict[Path, DataError] = {}  # links that lead nowhere: paired like files, never made samples
+    images, masks = _list_images(images_dir, broken), _list_images(masks_dir, broken)
+    problems: list[DataError] = list(broken.values())
     supported = " ".join(IMAGE_SUFFIXES)
     if not images:
         problems.append(DataError(images_dir, f"folder has no images (supported: {supported})"))
@@ -140,6 +165,8 @@ def _pair(root: str | os.PathLike) -> _Pairing:
     samples = []
     for stem, image_path in by_stem.items():
         found = masks_of[stem]
+        if image_path in broken or any(p in broken for p in found):
+            continue  # its broken link is the problem; a part of a mask missing would be a wrong mask
         if found:
             samples.append(Sample(stem, image_path, tuple(sorted(found, key=lambda p: natural_key(p.name)))))
         elif masks:  # an empty mask folder is already one problem; don't add one per image

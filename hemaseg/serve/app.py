@@ -465,7 +465,11 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
         predictor = load_model(predictor_or_run, device=settings.device, threshold=settings.threshold,
                                tta=settings.tta, postprocess=settings.postprocess, backend=settings.backend)
     if settings.keep_uploads is not None:
-        Path(settings.keep_uploads).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(settings.keep_uploads).mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file (or a dangling link) appeared there after Settings checked
+            raise ValueError(f"{settings.keep_uploads}: --keep-uploads must name a folder, and this is a "
+                             "file") from None
         log.warning("keeping every upload in %s (--keep-uploads); these files may hold patient data",
                     settings.keep_uploads)
     service = Service(predictor, settings)

@@ -11,18 +11,17 @@ when ../shared/data is absent. Folds are fixed (seed 0) and group-aware where th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
+import sys
 import time
 
 from common import CREDITS, RUNS, hardware, require_data, table, write_result
 
-from hemaseg.config import DataConfig, RunConfig, TrainConfig
+from hemaseg.config import PRESETS
 from hemaseg.training.cv import run_cv
-from hemaseg.models.unet import ModelConfig
-from hemaseg.plan import PRESETS, fingerprint_stats, make_plan
+from hemaseg.training.train import configure
 
 
 def main(argv=None) -> None:
@@ -37,20 +36,16 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     data = require_data(args.dataset)
-    plan = make_plan(args.preset, fingerprint_stats(str(data)))
-    size = args.size or plan["data"]["size"]
     per_fold = args.budget_minutes / args.folds * 0.93  # leave room for out-of-fold inference
-    cfg = RunConfig(
-        data=DataConfig(root=str(data), size=size),
-        model=ModelConfig(**plan["model"]),
-        train=TrainConfig(**{**plan["train"], "budget_minutes": per_fold}),
-        plan=plan,
-    )
+    # the preset adapted to the data (read once, and reused by every fold trained in this process);
+    # --size None leaves the plan's size
+    cfg, loaded = configure(data, args.preset, {"size": args.size, "budget_minutes": per_fold})
+    size = cfg.data.size
     out = RUNS / f"accuracy_{args.dataset}_{args.preset}_{size}"
     if args.fresh and out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    result = run_cv(cfg, out, folds=args.folds, seed=0, progress=False)
+    result = run_cv(cfg, out, folds=args.folds, seed=0, progress=False, dataset=loaded)
     wall = time.perf_counter() - t0
     s = result["summary"]
     v = s["variants"]
@@ -68,11 +63,11 @@ def main(argv=None) -> None:
           f"{s['confidence'].get('spearman_r')}")
     print(f"data credit: {CREDITS[args.dataset]}")
     path = write_result(f"accuracy_{args.dataset}", {
-        "command": "python benchmarks/accuracy.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "dataset": args.dataset, "credit": CREDITS[args.dataset], "folds": args.folds, "preset": args.preset,
         "size": size, "budget_minutes_total": args.budget_minutes, "budget_minutes_per_fold": per_fold,
         "epochs_per_fold": epochs, "wall_s": round(wall, 1), "hardware": hardware(),
-        "config": dataclasses.asdict(cfg), "cv_summary": s, "table": {"headers": headers, "rows": rows},
+        "config": cfg.to_dict(), "cv_summary": s, "table": {"headers": headers, "rows": rows},
     })
     print(f"written {path}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -20,19 +19,17 @@ CREDITS = {
 
 
 def hardware() -> dict:
+    """The machine a benchmark ran on: CPU model and vector flags (hemaseg.device.describe_cpu), the CPUs
+    this process may use, the GPU if any, and the library versions."""
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from hemaseg.device import describe_cpu
+
+    cpu = describe_cpu()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cores": cpu["cpus"],
+            "torch_threads": cpu["torch_threads"], "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def require_data(name: str) -> Path:
@@ -44,9 +41,12 @@ def require_data(name: str) -> Path:
 
 
 def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/NAME.json, written atomically; NaN becomes null (json_safe): valid JSON."""
+    from hemaseg.io import atomic_write_text, json_safe
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2, default=lambda v: None))
+    atomic_write_text(path, json.dumps(json_safe(result), indent=2))
     return path
 
 

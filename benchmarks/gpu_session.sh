@@ -5,7 +5,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai==1.6.1
 # and carry .pack and .whl. Stages run on even when one fails; small results land in $OUT.
 #   cv:    busi 5-fold group-aware CV, preset large, BUDGET minutes per fold, JOBS folds at once
-#   speed: benchmarks/speed.py on CUDA (quick); needs seed_unet.py in .pack/reference
+#   speed: benchmarks/speed.py on CUDA (inference at 256/512 px, batch 1/8/16, the default auto backend
+#          against the reference network, and training); needs seed_unet.py
+#          in .pack/reference. SPEED_ARGS=--quick keeps only the 256 px batch-1 inference comparison
 # STAGES picks and orders them (default "cv speed").
 set -u
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -30,7 +32,8 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
 speed() {
 start=$(date +%s)
 HEMASEG_REFERENCE_DIR=${HEMASEG_REFERENCE_DIR:-.pack/reference} \
-$PY benchmarks/speed.py --device cuda --quick --workers 4 --peak-gflops 67000 --out "$OUT/speed_cuda.json" \
+$PY benchmarks/speed.py --device cuda ${SPEED_ARGS:-} --workers 4 --peak-gflops 67000 \
+    --out "$OUT/speed_cuda.json" \
     2>&1 | tee "$OUT/speed_cuda.log"
 echo "speed wall $(( $(date +%s) - start )) s" | tee -a "$OUT/speed_cuda.log"
 }

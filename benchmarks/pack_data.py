@@ -19,14 +19,14 @@ from PIL import Image
 
 
 def pack(src: Path, dst: Path, max_side: int) -> int:
-    from hemaseg.data.dataset import find_samples, read_image, read_mask
+    from hemaseg.data.dataset import find_samples, load_sample
 
     (dst / "images").mkdir(parents=True, exist_ok=True)
     (dst / "mask").mkdir(parents=True, exist_ok=True)
     samples = find_samples(src)
     for s in samples:
-        image = Image.fromarray(np.round(read_image(s.image_path) * 255).astype(np.uint8))
-        merged = np.logical_or.reduce([read_mask(m) for m in s.mask_paths])
+        gray, merged = load_sample(s)  # the scan as hemaseg reads it, its masks merged with OR
+        image = Image.fromarray(np.round(gray * 255).astype(np.uint8))
         mask = Image.fromarray((merged * 255).astype(np.uint8))
         scale = min(1.0, max_side / max(image.size))
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -13,57 +13,43 @@ noise between seeds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
+import sys
 import time
 
+import torch
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
-from hemaseg.config import DataConfig, RunConfig, TrainConfig
-from hemaseg.training.cv import make_folds
-from hemaseg.data.dataset import save_split
+from hemaseg.config import resolve_config
 from hemaseg.evaluation.evaluate import evaluate
-from hemaseg.models.unet import ModelConfig
-from hemaseg.plan import fingerprint_stats, make_plan
 from hemaseg.inference.predictor import load_model
-from hemaseg.training.train import fit
-from hemaseg.data.transforms import AugmentConfig
+from hemaseg.training.cv import make_folds
+from hemaseg.training.train import configure, fit
 
-NO_AUG = {k: 0.0 for k in ("hflip", "vflip", "affine_p", "gamma_p", "contrast_p", "blur_p", "noise_p", "speckle_p")}
+# a variant is the overrides it passes to resolve_config (flat setting names, config.SETTINGS) on top of
+# the `default` preset adapted to the data
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "seed2": {"train": {"seed": 2}},  # the same recipe, another seed: the noise floor
-    "batch8-lr3e-3": {"train": {"batch_size": 8, "lr": 3e-3}},  # the default before this ablation
-    "lr1e-2": {"train": {"lr": 1e-2}},
-    "lr1e-3": {"train": {"lr": 1e-3}},
-    "lr3e-3": {"train": {"lr": 3e-3}},
-    "batch8": {"train": {"batch_size": 8}},
-    "batch4": {"train": {"batch_size": 4}},
-    "size192": {"data": {"size": 192}},
-    "size320": {"data": {"size": 320}},
-    "unet16": {"model": {"arch": "unet", "base_width": 16, "depth": 4}},
-    "instance-norm": {"model": {"arch": "unet", "base_width": 8, "depth": 4, "norm": "instance"}},
-    "dice+focal": {"train": {"loss": "dice_focal"}},
-    "no-aug": {"augment": NO_AUG},
-    "no-speckle-noise": {"augment": {"speckle_p": 0.0, "noise_p": 0.0}},
+    "seed2": {"seed": 2},  # the same recipe, another seed: the noise floor
+    "batch8-lr3e-3": {"batch_size": 8, "lr": 3e-3},  # the default before this ablation
+    "lr1e-2": {"lr": 1e-2},
+    "lr1e-3": {"lr": 1e-3},
+    "lr3e-3": {"lr": 3e-3},
+    "batch8": {"batch_size": 8},
+    "batch4": {"batch_size": 4},
+    "size192": {"size": 192},
+    "size320": {"size": 320},
+    "unet16": {"arch": "unet", "base_width": 16, "depth": 4},
+    "instance-norm": {"arch": "unet", "base_width": 8, "depth": 4, "norm": "instance"},
+    "dice+focal": {"loss": "dice_focal"},
+    "no-aug": {"augment": False},
+    "no-speckle-noise": {"speckle_p": 0.0, "noise_p": 0.0},
     # `default` autocasts to bf16 where native (since this ablation); these two pin the precision
-    "fp32": {"train": {"precision": "fp32"}},
-    "bf16": {"train": {"precision": "bf16"}},
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
 }
-
-
-def build_config(data: str, plan: dict, overrides: dict, budget: float) -> RunConfig:
-    sections = {"data": {"root": data, **plan["data"]}, "model": dict(plan["model"]), "augment": dict(plan["augment"]),
-                "train": {**plan["train"], "budget_minutes": budget}}
-    for section, values in overrides.items():
-        if section == "model":
-            sections["model"] = dict(values)
-        else:
-            sections[section].update(values)
-    return RunConfig(data=DataConfig(**sections["data"]), model=ModelConfig(**sections["model"]),
-                     augment=AugmentConfig(**sections["augment"]), train=TrainConfig(**sections["train"]), plan=plan)
 
 
 def main(argv=None) -> None:
@@ -75,22 +61,29 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     data = require_data(args.dataset)
-    plan = make_plan("default", fingerprint_stats(str(data)))
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    # the data is read once; each variant is the default preset planned on its statistics plus the overrides
+    base, loaded = configure(data, "default", {"budget_minutes": args.budget_minutes})
     root = RUNS / f"recipe_{args.dataset}"
     root.mkdir(parents=True, exist_ok=True)
-    fold = make_folds(RunConfig(data=DataConfig(root=str(data))), root, 5, seed=0)[0]
+    fold = make_folds(base, root, 5, seed=0)[0]
+    split = {"train": fold["train"], "val": fold["val"]}
     previous = RESULTS / f"recipe_{args.dataset}.json"
     results = json.loads(previous.read_text())["variants"] if previous.is_file() else {}  # variants add up
-    for name in args.variants.split(","):
-        cfg = build_config(str(data), plan, VARIANTS[name], args.budget_minutes)
+    for name in names:
+        cfg = resolve_config(data, "default", loaded.stats, base.plan.device_type,
+                             {**VARIANTS[name], "budget_minutes": args.budget_minutes})
         out = root / name
         if args.rerun and out.exists():
             shutil.rmtree(out)
         train_s = None
         if not (out / "summary.json").is_file():
-            save_split({"train": fold["train"], "val": fold["val"]}, out / "splits.json")
             t = time.perf_counter()
-            fit(cfg, out, progress=False)
+            # the variant's folder belongs to this benchmark: a run killed before its summary starts over
+            fit(cfg, out, dataset=loaded, split=split, overwrite=True, progress=False)
             train_s = time.perf_counter() - t
         summary = json.loads((out / "summary.json").read_text())
         if train_s is None:
@@ -98,15 +91,15 @@ def main(argv=None) -> None:
         row = {"epochs": summary["epochs"], "train_s": round(train_s, 1)}
         final = load_model(out / "last.pt")  # the final weights: best.pt was picked on these very scans
         for tta in (False, True):
-            final.tta = tta
-            s = evaluate(final, str(data), names=fold["val"], progress=False)["summary"]
+            s = evaluate(final, str(data), names=fold["val"], progress=False, tta=tta)["summary"]
             key = "tta" if tta else "plain"
             row[f"dice_{key}"], row[f"dice_lesion_{key}"] = s["dice_mean"], s["dice_mean_lesion"]
             row[f"fp_images_{key}"] = s["n_false_positive_images"]
-        s = evaluate(load_model(out / "best.pt", tta=True), str(data), names=fold["val"], progress=False)["summary"]
+        best = load_model(out / "best.pt")
+        s = evaluate(best, str(data), names=fold["val"], progress=False, tta=True)["summary"]
         row["dice_lesion_tta_best_epoch"] = s["dice_mean_lesion"]  # optimistic: the selection saw these scans
         results[name] = {"overrides": VARIANTS[name], "budget_minutes": args.budget_minutes,
-                         "threads": __import__("torch").get_num_threads(), "config": dataclasses.asdict(cfg), **row}
+                         "threads": torch.get_num_threads(), "config": cfg.to_dict(), **row}
         print(f"{name}: {row}", flush=True)
 
     if previous.is_file():  # another process may have added variants meanwhile: keep them
@@ -120,7 +113,7 @@ def main(argv=None) -> None:
     print(table(headers, rows))
     print(f"data credit: {CREDITS[args.dataset]}")
     path = write_result(f"recipe_{args.dataset}", {
-        "command": "python benchmarks/recipe.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "command": "python benchmarks/recipe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "dataset": args.dataset, "credit": CREDITS[args.dataset], "budget_minutes": args.budget_minutes,
         "hardware": hardware(), "variants": results, "table": {"headers": headers, "rows": rows}})
     print(f"written {path}")

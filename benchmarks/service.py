@@ -45,18 +45,18 @@ def free_port() -> int:
 
 
 def write_checkpoint(folder: Path) -> Path:
+    """An untrained `default`-preset network (the seed UNet, input 256) saved the way training saves one."""
     import torch
 
     from hemaseg import __version__
+    from hemaseg.config import resolve_config
+    from hemaseg.models import build_model
     from hemaseg.models.checkpoint import save_checkpoint
-    from hemaseg.config import RunConfig
-    from hemaseg.models.unet import build_model
-    from hemaseg.training.train import CHECKPOINT_FORMAT
 
     torch.manual_seed(0)
-    cfg = RunConfig()  # seed architecture, input 256
+    cfg = resolve_config("", "default", device_type="cpu")  # no data: the preset as it stands
     path = folder / "best.pt"
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": __version__, "config": cfg.to_dict(),
+    save_checkpoint(path, {"version": __version__, "config": cfg.to_dict(),
                            "model": build_model(cfg.model).state_dict(), "epoch": 0, "metrics": {},
                            "data_fingerprint": "untrained"})
     return path
@@ -170,6 +170,9 @@ def main() -> None:
     if args.serve:
         return serve(args)
 
+    from hemaseg.device import describe_cpu
+
+    cpu = describe_cpu()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp))
@@ -218,7 +221,7 @@ def main() -> None:
 
     header = f"{'config':<13} {'size':>5} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ok':>5} {'errors':>6} {'RSS MiB':>8}"
     print(f"\n{args.clients} concurrent clients, {args.rounds} x {args.seconds:g} s per cell, untrained seed model (input 256), "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs ({cpu['model']}; {' '.join(cpu['flags'])})")
     print(header)
     for r in rows:
         print(f"{r['config']:<13} {r['size']:>5} {r['throughput_rps']:>7.2f} {r['p50_ms'] or float('nan'):>8.0f} {r['p99_ms'] or float('nan'):>8.0f} "
@@ -226,7 +229,8 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds, "model": "untrained seed UNet, input 256, CPU",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+                    "platform": platform.platform()},
         "rows": rows,
     }, indent=2))
     print(f"written to {RESULTS}")

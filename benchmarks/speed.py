@@ -1,11 +1,15 @@
 """Speed of hemaseg on this machine, side by side with the original write-up's network and loop.
 
-    python benchmarks/speed.py           # ~5-10 min on 2 CPU cores
-    python benchmarks/speed.py --quick   # ~1-2 min: 256 px only, fewer repeats
+    python benchmarks/speed.py           # ~5-10 min on 2 CPU cores -> results/speed.json
+    python benchmarks/speed.py --quick   # < 1 min: the default-vs-reference comparison only (256 px,
+                                         # batch 1) -> results/speed_quick.json
 
 (a) inference: ms per image at batch 1 / 8 / 16, 256 and 512 px, for the reference SeedUnet (eager,
-    network only) and for hemaseg with every backend: the network alone, and the whole predict path
-    (Predictor.predict_proba_batch: letterbox + normalise + network + sigmoid + unletterbox);
+    network only) and for hemaseg with every backend, `auto` (the default: the fastest backend that
+    matches eager fp32, chosen when the model loads) included: the network alone, and the whole predict
+    path (Predictor.predict_proba_batch: letterbox + normalise + network + sigmoid + unletterbox). Per
+    size and batch, the default predict path is set against the reference eager network and against the
+    fastest backend measured, all timed in one process, interleaved;
 (b) training: images/s end to end (data loading + augmentation + step) of hemaseg's fit() against a
     plain loop like the write-up's (PIL decode of every PNG every step, a random 256 px crop per sample,
     eager fp32 SeedUnet + BCE, Adam) on the same synthetic scans;
@@ -16,12 +20,14 @@ Compared variants run interleaved, round after round, and each figure is the med
 a busy shared machine slows all of them alike; the load average is recorded with the results.
 % of peak uses 1.52 GFLOP (forward) and 4.55 GFLOP (forward + backward) per 256 px image, scaled by
 pixel count, against --peak-gflops (FP32 peak of the cores used; 166 for 2 Zen 4 cores).
-Prints one table and writes benchmarks/results/speed.json.
+The CPU's model and vector flags (hemaseg.device.describe_cpu) are printed and stored with the results.
+Prints one table and writes benchmarks/results/speed.json (speed_quick.json with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -52,24 +58,29 @@ def load_reference():
     return SeedUnet
 
 
-def trained_like_seed_model() -> torch.nn.Module:
-    """The seed UNet with non-trivial BN statistics (as after training), so conv+BN folding is real."""
-    from hemaseg.models.unet import ModelConfig, build_model
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig()).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
 DEVICE = torch.device("cpu")  # --device
 
 
+def inference_config(size: int):
+    """The `default` preset at input `size` (no data: nothing to plan from but the device)."""
+    from hemaseg.config import resolve_config
+
+    return resolve_config("", "default", device_type=DEVICE.type, overrides={"size": size})
+
+
+def seed_model(size: int) -> torch.nn.Module:
+    """The default network with trained-like BN statistics (models.fusion.randomize_batchnorm), so
+    conv+BN folding has real work to do."""
+    from hemaseg.models import build_model
+    from hemaseg.models.fusion import randomize_batchnorm
+
+    torch.manual_seed(0)
+    return randomize_batchnorm(build_model(inference_config(size).model), seed=0).eval()
+
+
 def backend_names() -> list[str]:
-    from hemaseg.inference.backends import bf16_supported
+    """The fixed backends measured here (`auto` picks among the exact ones)."""
+    from hemaseg.device import bf16_supported
 
     names = ["torch", "torch-fast"] + (["onnxruntime"] if DEVICE.type == "cpu" else [])  # ORT runs on the CPU
     return names + (["torch-bf16"] if bf16_supported(DEVICE) else [])
@@ -88,20 +99,19 @@ def rss_mb() -> float:
 # --- (a) inference -------------------------------------------------------------------------------------
 
 
-def inference_runners(size: int, batch: int, only: str | None = None) -> dict:
-    """name -> zero-argument callable doing one batch; all built before timing starts. `only`:
-    "reference" or one backend's network alone (for the memory probe)."""
-    from hemaseg.inference.backends import make_backend
-    from hemaseg.config import DataConfig, RunConfig
+def inference_runners(size: int, batch: int, only: str | None = None) -> tuple[dict, dict]:
+    """(name -> zero-argument callable doing one batch, what `auto` chose); all built before timing
+    starts. `only`: "reference", "auto" or one backend's network alone (for the memory probe)."""
+    from hemaseg.inference.backends import choose_backend, make_backend
     from hemaseg.inference.predictor import Predictor
 
     ref = load_reference()().eval().to(DEVICE)
-    model = trained_like_seed_model()
+    model = seed_model(size)
     x = torch.randn(batch, 1, size, size, device=DEVICE)
     rng = np.random.default_rng(0)
     # raw scans of another aspect ratio, so the predict path really resizes, pads and maps back
     scans = [rng.integers(0, 255, (size * 3 // 4, size), dtype=np.uint8) for _ in range(batch)]
-    config = RunConfig(data=DataConfig(size=size))
+    config = inference_config(size)
 
     def no_grad(fn):
         def run():
@@ -113,24 +123,42 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> dict:
         return run
 
     if only == "reference":
-        return {"reference (eager)": no_grad(ref)}
+        return {"reference (eager)": no_grad(ref)}, {}
+    if only == "auto":
+        name, backend, record = choose_backend(model, DEVICE, size)
+        return {"auto network": no_grad(backend)}, {"backend": name, "record": record}
     if only:
-        return {f"{only} network": no_grad(make_backend(model, only, DEVICE))}
+        return {f"{only} network": no_grad(make_backend(model, only, DEVICE))}, {}
     runners = {"reference (eager)": no_grad(ref)}
+    # the default: what load_model / hemaseg predict run when no backend is named
+    default = Predictor(model, config, device=DEVICE, backend="auto")
+    runners["auto network"] = no_grad(default.runners[0])
+    runners["auto predict path"] = lambda: default.predict_proba_batch(scans, batch_size=batch)
     for name in backend_names():
         runners[f"{name} network"] = no_grad(make_backend(model, name, DEVICE))
         predictor = Predictor(model, config, device=DEVICE, backend=name)
         runners[f"{name} predict path"] = lambda p=predictor: p.predict_proba_batch(scans, batch_size=batch)
-    return runners
+    return runners, {"backend": default.backend, "record": default.metadata.get("backend_auto")}
+
+
+# ONNX Runtime's worker threads spin for a while after a run: on 2 cores a session that just ran stole
+# them from the next variant (the ORT predict path measured 19 ms after the ORT network, 13 ms alone).
+# A pause at each switch lets them sleep, so every variant starts on idle cores, as it would in use.
+SETTLE_S = 0.02
 
 
 def time_interleaved(runners: dict, rounds: int, reps: int) -> dict[str, float]:
-    """Median seconds per call: every round runs each variant `reps` times, variants taking turns."""
+    """Median seconds per call: every round runs each variant `reps` times, variants taking turns in a
+    new seeded order each round (a fixed order measured the variant after the eager network up to 20 %
+    slower than the same backend elsewhere in the round: the position, not the code, was timed)."""
     for fn in runners.values():  # warm-up: oneDNN primitive creation, ORT arena
         fn()
     samples: dict[str, list[float]] = {k: [] for k in runners}
+    order = np.random.default_rng(0)
     for _ in range(rounds):
-        for name, fn in runners.items():
+        for name in order.permutation(list(runners)):
+            fn = runners[name]
+            time.sleep(SETTLE_S)
             for _ in range(reps):
                 t = time.perf_counter()
                 fn()
@@ -138,11 +166,28 @@ def time_interleaved(runners: dict, rounds: int, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench_inference(sizes, batches, rounds, reps, peak) -> list[dict]:
-    rows = []
+def compare_default(times: dict[str, float], size: int, batch: int, auto: dict) -> dict:
+    """The default predict path (auto) against the reference eager network and against the fastest
+    fixed backend's predict path, from one interleaved measurement. Ratios are speed ratios: the other
+    variant's time over the default's (> 1: the default is faster)."""
+    default = times["auto predict path"]
+    fixed = {k: v for k, v in times.items() if k.endswith(" predict path") and not k.startswith("auto ")}
+    fastest = min(fixed, key=fixed.get)
+    return {"size": size, "batch": batch, "default_backend": auto["backend"],
+            "default_predict_ms": round(1e3 * default / batch, 2),
+            "reference_eager_ms": round(1e3 * times["reference (eager)"] / batch, 2),
+            "default_vs_reference": round(times["reference (eager)"] / default, 2),
+            "fastest_backend": fastest.removesuffix(" predict path"),
+            "fastest_predict_ms": round(1e3 * fixed[fastest] / batch, 2),
+            "default_vs_fastest": round(fixed[fastest] / default, 2),
+            "auto_choice": auto["record"]}
+
+
+def bench_inference(sizes, batches, rounds, reps, peak) -> tuple[list[dict], list[dict]]:
+    rows, defaults = [], []
     for size in sizes:
         for batch in batches:
-            runners = inference_runners(size, batch)
+            runners, auto = inference_runners(size, batch)
             times = time_interleaved(runners, rounds, reps)
             base = times["reference (eager)"] / batch
             gflop = FWD_GFLOP_256 * (size / 256) ** 2
@@ -150,9 +195,11 @@ def bench_inference(sizes, batches, rounds, reps, peak) -> list[dict]:
                 ms = 1e3 * sec / batch
                 rows.append({"size": size, "batch": batch, "variant": name, "ms_per_image": round(ms, 2),
                              "images_per_s": round(1e3 / ms, 1), "speedup_vs_reference": round(base * 1e3 / ms, 2),
-                             "pct_fp32_peak": round(100 * gflop / (ms / 1e3) / peak, 1)})
+                             "pct_fp32_peak": round(100 * gflop / (ms / 1e3) / peak, 1),
+                             **({"backend": auto["backend"]} if name.startswith("auto ") else {})})
+            defaults.append(compare_default(times, size, batch, auto))
             print(f"  inference {size} px batch {batch}: done", flush=True)
-    return rows
+    return rows, defaults
 
 
 # --- (b) training --------------------------------------------------------------------------------------
@@ -203,21 +250,20 @@ def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, pr
                    workers: int = 0) -> tuple[list[float], int]:
     """hemaseg's fit() (cached letterboxed scans, MONAI augmentation, validation and checkpoints
     included). Returns (seconds per epoch, training images per epoch)."""
-    from hemaseg.config import DataConfig, RunConfig, TrainConfig
-    from hemaseg.training.train import fit
+    from hemaseg.training.train import configure, fit
 
-    cfg = RunConfig(data=DataConfig(root=str(data), size=size, val_fraction=0.1),
-                    train=TrainConfig(epochs=epochs, batch_size=batch, device=str(DEVICE), precision=precision,
-                                      num_workers=workers))
-    summary = fit(cfg, out, progress=False)
-    rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
-    seconds = [float(r.split(",")[4]) for r in rows]
+    overrides = {"size": size, "val_fraction": 0.1, "epochs": epochs, "batch_size": batch,
+                 "device": str(DEVICE), "precision": precision, "num_workers": workers}
+    cfg, loaded = configure(data, "default", overrides)
+    summary = fit(cfg, out, dataset=loaded, progress=False)
+    with open(out / "metrics.csv", newline="") as f:
+        seconds = [float(r["epoch_s"]) for r in csv.DictReader(f)]
     return seconds, (summary["n_train"] // batch) * batch
 
 
 def bench_training(n_scans, epochs, rounds, batch, peak, workdir: Path, workers: int = 0) -> tuple[list[dict], dict]:
-    from hemaseg.inference.backends import bf16_supported
     from hemaseg.data.synth import write_synthetic_dataset
+    from hemaseg.device import bf16_supported
 
     data = write_synthetic_dataset(workdir / "data", n_scans, size=320, seed=0, progress=False)
     n_orig = (n_scans // batch) * batch
@@ -250,29 +296,24 @@ def memory_child(variant: str, data: str) -> None:
     """Run one variant briefly and print its peak RSS (MB) and the RSS right after imports/setup."""
     if variant.startswith("infer:"):
         name = variant.split(":", 1)[1]
-        (run,) = inference_runners(512, 16, only=name).values()
+        (run,) = inference_runners(512, 16, only=name)[0].values()
         setup = rss_mb()
         run()
     else:
-        from hemaseg.config import DataConfig, RunConfig, TrainConfig
-        from hemaseg.training.train import fit
-
         setup = rss_mb()
         if variant == "train:original":
             original_style_epochs(Path(data), 1, 8, 256)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = RunConfig(data=DataConfig(root=data, size=256, val_fraction=0.1),
-                                train=TrainConfig(epochs=1, batch_size=8, device="cpu",
-                                                  precision=variant.split(":")[1]))
-                fit(cfg, Path(tmp) / "run", progress=False)
+                hemaseg_epochs(Path(data), Path(tmp) / "run", 1, 8, 256, variant.split(":")[1])
     print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "setup_rss_mb": round(setup, 1)}))
 
 
 def bench_memory(data: Path) -> list[dict]:
-    from hemaseg.inference.backends import bf16_supported
+    from hemaseg.device import bf16_supported
 
-    variants = ["infer:reference"] + [f"infer:{n}" for n in backend_names()] + ["train:original", "train:fp32"]
+    variants = ["infer:reference", "infer:auto"] + [f"infer:{n}" for n in backend_names()]
+    variants += ["train:original", "train:fp32"]
     variants += ["train:bf16"] if bf16_supported(torch.device("cpu")) else []
     rows = []
     for v in variants:
@@ -287,13 +328,29 @@ def bench_memory(data: Path) -> list[dict]:
 
 def format_table(result: dict) -> str:
     m = result["machine"]
-    lines = [(f"# hemaseg speed  ({m.get('device', 'cpu')}; {m['cpu']}, {m['threads']} threads, load avg {m['load_before']} -> "
-              f"{m['load_after']}; shared CPU: medians of interleaved rounds)"), "",
-             "## inference (ms per image; speedup vs the reference network at the same size/batch)",
-             f"{'size':>5} {'batch':>5}  {'variant':<26} {'ms/img':>8} {'img/s':>7} {'x ref':>6} {'% peak':>7}"]
+    lines = [(f"# hemaseg speed  ({m.get('device', 'cpu')}; {m['cpu']} [{' '.join(m['cpu_flags']) or '-'}], "
+              f"{m['threads']} threads, load avg {m['load_before']} -> {m['load_after']}; shared CPU: "
+              "medians of interleaved rounds)"), "",
+             "## inference (ms per image; speedup vs the reference network at the same size/batch; "
+             "auto = the default)",
+             f"{'size':>5} {'batch':>5}  {'variant':<32} {'ms/img':>8} {'img/s':>7} {'x ref':>6} "
+             f"{'% peak':>7}"]
     for r in result["inference"]:
-        lines.append(f"{r['size']:>5} {r['batch']:>5}  {r['variant']:<26} {r['ms_per_image']:>8.2f} "
+        variant = r["variant"] + (f" [{r['backend']}]" if "backend" in r else "")
+        lines.append(f"{r['size']:>5} {r['batch']:>5}  {variant:<32} {r['ms_per_image']:>8.2f} "
                      f"{r['images_per_s']:>7.1f} {r['speedup_vs_reference']:>6.2f} {r['pct_fp32_peak']:>6.1f}%")
+    lines += ["", "## the default (predict path, backend auto) side by side, same process (speed ratios: "
+                  "> 1 = the default is faster)",
+              f"{'size':>5} {'batch':>5}  {'default ms':>10}  {'reference eager ms':>18} "
+              f"{'default vs ref':>14}  {'fastest backend measured':<24} {'ms':>7} "
+              f"{'default vs fastest':>18}"]
+    for d in result["default_vs"]:
+        lines.append(f"{d['size']:>5} {d['batch']:>5}  {d['default_predict_ms']:>10.2f}  "
+                     f"{d['reference_eager_ms']:>18.2f} {d['default_vs_reference']:>13.2f}x  "
+                     f"{d['fastest_backend'] + ' predict path':<24} {d['fastest_predict_ms']:>7.2f} "
+                     f"{d['default_vs_fastest']:>17.2f}x")
+        at_load = (d["auto_choice"] or {}).get("ms")
+        lines.append(f"{'':>13}auto chose {d['default_backend']} (batch-1 network ms at load: {at_load})")
     if result.get("training"):
         lines += ["", "## training end to end (256 px, batch 8; images/s incl. data loading and augmentation)",
                   f"{'variant':<28} {'img/s':>7} {'x orig':>7} {'% peak':>7}  per round"]
@@ -310,13 +367,17 @@ def format_table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="256 px only, batch 1 and 8, fewer repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the 256 px batch-1 inference comparison (default vs reference vs "
+                             "every backend), few rounds, no training or memory probe; writes "
+                             "results/speed_quick.json")
     parser.add_argument("--skip-training", action="store_true", help="inference only")
     parser.add_argument("--peak-gflops", type=float, default=166.0, help="FP32 peak of the cores used")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on CUDA, no ONNX Runtime "
                                                         "and no memory probe")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers of both training loops")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"), help="JSON output")
+    parser.add_argument("--out", help="JSON output (default benchmarks/results/speed.json, speed_quick.json "
+                                      "with --quick)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -329,30 +390,30 @@ def main() -> None:
     import onnxruntime
 
     from hemaseg import __version__
-    from hemaseg.inference.backends import cpu_threads
+    from hemaseg.device import cpu_threads, describe_cpu
+    from hemaseg.io import atomic_write_text, json_safe
 
     t0 = time.perf_counter()
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    cpu = describe_cpu()
+    machine = {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cpus": cpu["cpus"],
+               "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
                "ort_threads": cpu_threads(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                "hemaseg": __version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-               "load_before": round(os.getloadavg()[0], 2)}
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    sizes, batches = ((256,), (1, 8)) if args.quick else ((256, 512), (1, 8, 16))
-    rounds, reps = (3, 2) if args.quick else (3, 2)
+               "platform": platform.platform(), "load_before": round(os.getloadavg()[0], 2)}
+    print(f"{cpu['model']} [{' '.join(cpu['flags'])}], {cpu['cpus']} CPUs, {machine['threads']} torch "
+          "threads", flush=True)
+    sizes, batches = ((256,), (1,)) if args.quick else ((256, 512), (1, 8, 16))
+    rounds, reps = (7, 3) if args.quick else (3, 2)
     print("inference ...", flush=True)
-    result = {"machine": machine, "peak_gflops": args.peak_gflops,
-              "inference": bench_inference(sizes, batches, rounds, reps, args.peak_gflops)}
-    if not args.skip_training:
+    result = {"machine": machine, "peak_gflops": args.peak_gflops, "quick": args.quick}
+    result["inference"], result["default_vs"] = bench_inference(sizes, batches, rounds, reps,
+                                                                args.peak_gflops)
+    if not (args.quick or args.skip_training):
         print("training ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            n_scans, epochs, train_rounds = (40, 3, 2) if args.quick else (80, 3, 2)
             result["training"], result["training_setup"] = bench_training(
-                n_scans, epochs, train_rounds, 8, args.peak_gflops, Path(tmp), args.workers)
+                80, 3, 2, 8, args.peak_gflops, Path(tmp), args.workers)
             if DEVICE.type == "cpu":
                 print("memory ...", flush=True)
                 result["memory"] = bench_memory(Path(result["training_setup"]["data"]))
@@ -360,9 +421,9 @@ def main() -> None:
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print()
     print(format_table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    default_out = ROOT / "benchmarks" / "results" / ("speed_quick.json" if args.quick else "speed.json")
+    out = Path(args.out or default_out)
+    atomic_write_text(out, json.dumps(json_safe(result), indent=2))
     print(f"\nwrote {out} ({result['wall_s']:.0f} s)")
 
 

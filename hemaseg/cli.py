@@ -74,7 +74,7 @@ def _add_backend_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from hemaseg.config import ARCHS, LOSSES, NORMALIZATIONS, NORMS, PRECISIONS, PRESETS, AugmentConfig, \
+    from hemaseg.config import ARCHS, INITS, LOSSES, NORMALIZATIONS, NORMS, PRECISIONS, PRESETS, AugmentConfig, \
         DataConfig, InferenceConfig, ModelConfig, TrainConfig
 
     d, m, tr = DataConfig(), ModelConfig(), TrainConfig()
@@ -102,6 +102,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", dest="arch", choices=list(ARCHS),
                    help="; ".join(f"'{k}' = {v}" for k, v in ARCHS.items())
                         + " (presets: " + ", ".join(f"{k} {v.model.arch}" for k, v in PRESETS.items()) + ")")
+    g.add_argument("--init", choices=list(INITS),
+                   help="where the weights start: " + "; ".join(f"{k} = {v}" for k, v in INITS.items())
+                        + f" (default {tr.init})")
+    g.add_argument("--encoder-lr-scale", type=float, metavar="F",
+                   help=f"a pretrained encoder learns at F x --lr (default {tr.encoder_lr_scale})")
     g.add_argument("--base-width", type=int, help=f"channels at the first level of 'unet' (default {m.base_width})")
     g.add_argument("--depth", type=int, help=f"pooling steps of 'unet' (default {m.depth})")
     g.add_argument("--norm", choices=NORMS, help=f"normalisation layers of 'unet' (default {m.norm})")

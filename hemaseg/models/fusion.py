@@ -13,21 +13,33 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
+def _fold(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
+    if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+        return None
+    if isinstance(conv, nn.ConvTranspose2d):
+        return fuse_conv_bn_eval(conv, bn, transpose=True)
+    if isinstance(conv, nn.Conv2d):
+        return fuse_conv_bn_eval(conv, bn)
+    return None
+
+
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every Conv2d/ConvTranspose2d -> BatchNorm2d pair inside an nn.Sequential
-    folded into one convolution (the BN becomes Identity). The original model is left untouched."""
+    """An eval-mode copy with every Conv2d/ConvTranspose2d -> BatchNorm2d pair folded into one
+    convolution (the BN becomes Identity): pairs that follow each other in an nn.Sequential, and the
+    pairs a module names in its `conv_bn_pairs()` (blocks whose forward is not a plain sequence).
+    The original model is left untouched."""
     fused = copy.deepcopy(model).eval()
-    for seq in fused.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if not (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
-                continue
-            if isinstance(conv, nn.Conv2d):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-            elif isinstance(conv, nn.ConvTranspose2d):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn, transpose=True), nn.Identity()
+    for module in fused.modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                folded = _fold(module[i], module[i + 1])
+                if folded is not None:
+                    module[i], module[i + 1] = folded, nn.Identity()
+        for conv_name, bn_name in getattr(module, "conv_bn_pairs", lambda: [])():
+            folded = _fold(getattr(module, conv_name), getattr(module, bn_name))
+            if folded is not None:
+                setattr(module, conv_name, folded)
+                setattr(module, bn_name, nn.Identity())
     return fused
 
 

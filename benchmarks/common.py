@@ -15,6 +15,7 @@ RUNS = ROOT / "benchmarks" / "runs"  # gitignored: checkpoints of benchmark runs
 CREDITS = {
     "usgra": "usgra-seg dataset, T. M. K., CC BY 4.0",
     "busi": "BUSI dataset, Al-Dhabyani et al., Data in Brief 2020 (doi:10.1016/j.dib.2019.104863), CC BY 4.0",
+    "busbra": "BUS-BRA dataset, Gómez-Flores et al., Medical Physics 2024 (doi:10.1002/mp.16812)",
 }
 
 

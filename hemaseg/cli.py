@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="scan size in pixels, square (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed; scan i depends only on (seed, i) (default 0)")
 
+    p = sub.add_parser("mix", help="combine dataset folders into one, keeping each one's groups",
+                       description="Write OUT/images and OUT/mask as links to the scans of every DATA folder (named "
+                                   "TAG__NAME, TAG = the folder's name), OUT/manifest.csv with each source's groups "
+                                   "(patients, near-duplicates) kept apart, and each source's licence files in "
+                                   "OUT/licenses/TAG/. Train on OUT like on any dataset.")
+    p.add_argument("out", help="mixture folder to write")
+    p.add_argument("data", nargs="+", help="dataset folders")
+    p.add_argument("--overwrite", action="store_true", help="replace the mixture already in OUT")
+
     p = sub.add_parser("check", help="check a dataset folder and list every problem",
                        description="Count and measure DATA (images/ + mask/ or masks/) and report every problem "
                                    "as one line naming the file. Exit status 1 when problems were found.")
@@ -200,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For each image: NAME_mask.png (0/255, original size), NAME_overlay.png "
                                    "(outline on the scan) and a row of predictions.csv with lesion measurements. "
                                    "A scan that cannot be read is listed in errors.csv and skipped (exit status 1).")
-    p.add_argument("run", help="run folder, cross-validation run folder or checkpoint file")
+    p.add_argument("run", help="run folder, cross-validation run folder, checkpoint file, or 'ultrasound' (the model "
+                                "shipped with hemaseg)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
@@ -321,6 +331,15 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_mix(args) -> int:
+    from hemaseg.data.dataset import write_mixture
+
+    out = write_mixture(args.out, args.data, overwrite=args.overwrite)
+    n = sum(1 for _ in (out / "images").iterdir())
+    print(f"wrote a mixture of {n} scans from {len(args.data)} folder(s) to {out}")
+    return 0
+
+
 def cmd_check(args) -> int:
     from hemaseg.config import DataConfig
     from hemaseg.data.dataset import check_dataset
@@ -385,8 +404,6 @@ def cmd_evaluate(args) -> int:
     result = evaluate(predictor, args.data, out, names=names, mask_threshold=args.mask_threshold,
                       progress=not args.quiet, keep_masks=True, fail_fast=args.fail_fast,
                       max_pixels=args.max_pixels or DataConfig.max_pixels)
-    for row in result["rows"]:
-        row["needs_review"] = predictor.needs_review(row["confidence"])
     report = write_report(out / "report.html", f"Evaluation of {run_dir} on {args.data} ({args.split})",
                           result["rows"], result["summary"], run_dir=run_dir)
     print(f"evaluation of {predictor.metadata['checkpoint']} on {args.data} ({args.split}; backend "
@@ -404,7 +421,9 @@ def cmd_predict(args) -> int:
     from hemaseg.config import DataConfig
     from hemaseg.inference.files import collect_inputs, predict_files
 
-    if not Path(args.run).exists():
+    from hemaseg.models.pretrained import resolve_model
+
+    if not resolve_model(args.run).exists():
         raise FileNotFoundError(f"{args.run}: no such run folder or checkpoint")
     collect_inputs(args.inputs)  # a wrong argument fails before the model loads and before --out exists
     predictor = _load(args)
@@ -503,7 +522,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
+COMMANDS = {"synth": cmd_synth, "mix": cmd_mix, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
             "predict": cmd_predict, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
             "export": cmd_export, "serve": cmd_serve}
 

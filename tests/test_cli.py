@@ -11,7 +11,7 @@ from PIL import Image
 from hemaseg.cli import build_parser, main
 from hemaseg.config import BACKENDS
 
-COMMANDS = ["synth", "check", "train", "evaluate", "predict", "demo"]
+COMMANDS = ["synth", "mix", "check", "train", "evaluate", "predict", "cv", "report", "export", "serve", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -53,8 +53,30 @@ def test_cv_scores_and_ensembles_final_weights_never_the_checkpoint_picked_on_th
 def test_review_threshold_flags_low_confidence_low_dice_cases():
     conf = np.array([0.9, 0.85, 0.8, 0.3, 0.2, 0.95])
     dice = np.array([0.9, 0.8, 0.85, 0.1, 0.2, 0.92])
-    r = choose_review_threshold(conf, dice)
-    assert r["threshold"] == 0.3 and r["spearman_r"] > 0.8
+    r = choose_review_threshold(conf, dice < 0.5, dice)
+    assert r["threshold"] == 0.3 and r["spearman_r"] > 0.8 and r["auroc"] == 1.0 and r["flagged_share"] == 2 / 6
+
+
+def test_a_missed_lesion_is_flagged_not_the_most_confident_answer():
+    """A probability map peaking just below the threshold on a scan with a lesion: nothing is predicted,
+    and the new confidence sends it to review (the entropy-only one called it certain)."""
+    from hemaseg.inference.postprocess import confidence, entropy_confidence
+    from hemaseg.training.cv import failures
+
+    near_miss = np.full((32, 32), 0.01)
+    near_miss[10:16, 10:16] = 0.08  # the model half-saw it, below 0.1 and far below the 0.5 threshold
+    clean = np.full((32, 32), 0.003)
+    sure = np.full((32, 32), 0.01)
+    sure[5:20, 5:20] = 0.99
+    assert entropy_confidence(near_miss) == 1.0  # the old rule: a complete miss was 'certain'
+    assert confidence(near_miss) < confidence(clean) and confidence(near_miss) < confidence(sure)
+    rows = [{"ref_area_px": 36, "pred_area_px": 0, "dice": 0.0, "conf": confidence(near_miss)},  # the miss
+            {"ref_area_px": 0, "pred_area_px": 0, "dice": float("nan"), "conf": confidence(clean)},  # a normal scan
+            {"ref_area_px": 225, "pred_area_px": 225, "dice": 0.95, "conf": confidence(sure)}] * 3
+    failed, missed = failures(rows)
+    assert failed.tolist() == [True, False, False] * 3 and missed.tolist() == [True, False, False] * 3
+    review = choose_review_threshold(np.array([r["conf"] for r in rows]), failed, missed=missed)
+    assert review["missed_flagged_share"] == 1.0 and review["flagged_share"] == 1 / 3 and review["auroc"] == 1.0
 
 
 def test_parallel_folds_train_the_same_models_as_sequential_ones(tiny_data, tmp_path):

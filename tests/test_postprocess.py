@@ -53,6 +53,20 @@ def test_decision_keeps_only_steps_that_help(tmp_path):
     assert PostprocessPlan.load(tmp_path / "pp.json") == plan
 
 
+def test_the_lesion_present_decision_empties_faint_blobs_on_normal_scans_only_when_it_pays():
+    lesion = np.zeros((40, 40), bool)
+    lesion[5:20, 5:20] = True
+    normal = np.zeros((40, 40), bool)
+    sure = np.where(lesion, 0.97, 0.02).astype(np.float32)  # a lesion scan: confident
+    faint = np.where(_blobs(), 0.6, 0.02).astype(np.float32)  # a normal scan: a faint false blob
+    plan, evidence = decide_plan([sure, faint, sure], [lesion, normal, lesion])
+    assert 0.6 < plan.lesion_min_prob <= 0.97 and evidence["chosen"] > evidence["none"]
+    assert not apply_plan(faint >= 0.5, plan, faint).any() and apply_plan(sure >= 0.5, plan, sure).sum() == 225
+    weak_lesion = np.where(lesion, 0.65, 0.02).astype(np.float32)  # a real lesion the gate would miss
+    plan2, _ = decide_plan([weak_lesion, weak_lesion, faint], [lesion, lesion, normal])
+    assert plan2.lesion_min_prob == 0  # emptying two lesion scans to fix one normal one does not pay
+
+
 def test_confidence_is_high_for_sharp_and_low_for_uncertain_maps():
     sharp = np.where(_blobs(), 0.99, 0.01)
     vague = np.where(_blobs(), 0.55, 0.3)

@@ -72,3 +72,68 @@ def test_a_pretrained_run_trains_predicts_and_exports(tiny_data, tmp_path):
     pred = model.predict(np.random.default_rng(0).integers(0, 255, (50, 70), dtype=np.uint8))
     assert pred.mask.shape == (50, 70)
     assert export_onnx(tmp_path / "run").max_abs_diff <= 1e-3
+
+
+@pytest.fixture()
+def packaged(tiny_data, tmp_path, monkeypatch):
+    """A small packaged `ultrasound` model (trained on tiny synthetic data, provenance: synthetic)."""
+    import hemaseg
+    import hemaseg.models.pretrained as pretrained
+    from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
+
+    hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet", size=64, epochs=1, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    path = tmp_path / "ultrasound.pt"
+    save_checkpoint(path, {**ckpt, "provenance": {"sources": ["busbra", "synthetic"]},
+                           "model": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}})
+    monkeypatch.setitem(pretrained.PACKAGED, "ultrasound", path)
+    return path
+
+
+def test_the_packaged_model_segments_without_training_and_fine_tunes_from_all_its_weights(packaged, tiny_data,
+                                                                                          tmp_path):
+    import numpy as np
+
+    import hemaseg
+    from hemaseg.models.pretrained import load_packaged_weights
+
+    pred = hemaseg.load_model("ultrasound", device="cpu").predict(np.zeros((40, 60), np.uint8))
+    assert pred.mask.shape == (40, 60)
+    model = load_packaged_weights(build_model(LITE0), "ultrasound", LITE0.arch)
+    saved = torch.load(packaged, weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k].to(v.dtype), atol=0, rtol=0)
+    summary = hemaseg.train_model(tiny_data, tmp_path / "ft", preset="ultrasound", size=64, epochs=1, progress=False)
+    assert summary["epochs"] == 1
+
+
+def test_leave_target_out_refuses_a_figure_on_data_the_packaged_model_saw(packaged):
+    from hemaseg.models.pretrained import check_left_out, trained_on
+
+    assert trained_on("ultrasound") == ["busbra", "synthetic"]
+    check_left_out("ultrasound", "busi")  # never seen: allowed
+    with pytest.raises(ValueError, match="trained on busbra .* pretrain without busbra"):
+        check_left_out("ultrasound", "busbra")
+
+
+def test_a_mixture_keeps_each_sources_groups_and_licences(tiny_data, tmp_path):
+    import shutil
+
+    from hemaseg.data.dataset import find_groups, find_samples, kfold_split, write_mixture
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_data, a)
+    shutil.copytree(tiny_data, b)
+    (a / "manifest.csv").write_text("name,patient\n" + "".join(f"{i}.png,p{i % 3}\n" for i in range(1, 17)))
+    (a / "LICENSE.txt").write_text("cite me")
+    mix = write_mixture(tmp_path / "mix", [a, b])
+    samples = find_samples(mix)
+    assert len(samples) == 32 and samples[0].name.split("__")[0] in ("a", "b")
+    groups = find_groups(mix)
+    assert groups["a__1"] == "a:p1" == groups["a__4"] and groups["b__1"] == "b:1"
+    for fold in kfold_split([s.name for s in samples], 4, 0, groups):
+        val = {groups[n] for n in fold["val"]}
+        assert val.isdisjoint(groups[n] for n in fold["train"])
+    assert (mix / "licenses" / "a" / "LICENSE.txt").read_text() == "cite me"
+    with pytest.raises(ValueError, match="not empty"):
+        write_mixture(tmp_path / "mix", [a])

@@ -81,7 +81,7 @@ def test_report_is_self_contained_with_sections_and_overlays(tmp_path):
     n_cases = _expected_cases(rows)
     assert text.count('<figure class="case">') == n_cases and f"Cases ({n_cases} shown)" in text
     imgs = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', text)
-    assert len(imgs) == n_cases + 3 and all(imgs)  # + Dice and HD95 distributions + training curves
+    assert len(imgs) == n_cases + 4 and all(imgs)  # + Dice and HD95 distributions, risk-coverage, training curves
     assert text.count("flagged for review") >= sum(r["needs_review"] for r in rows)
 
 
@@ -127,3 +127,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert gray.shape == (2000, 1200)
     assert gray.std() > 20, "the page rendered blank"
     assert (gray < 128).mean() > 0.02  # text, plots and scans, not an empty white page
+
+
+def test_risk_coverage_keeps_the_most_confident_scans_first():
+    from hemaseg.evaluation.report import risk_coverage
+
+    rows = [{"confidence": 0.9, "dice": 0.8}, {"confidence": 0.2, "dice": 0.0},
+            {"confidence": 0.7, "dice": float("nan")}]  # a normal scan left empty: right
+    coverage, kept = risk_coverage(rows)
+    assert coverage.tolist() == [1 / 3, 2 / 3, 1.0]
+    np.testing.assert_allclose(kept, [0.8, 0.9, 0.6])

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 MASK_DIR_NAMES = ("mask", "masks")
 NAME_COLUMNS = ("name", "image", "filename")
 GROUP_COLUMNS = ("group", "dup_group", "patient")
-MANIFEST_GROUP_COLUMNS = ("dup_group", "patient")
+MANIFEST_GROUP_COLUMNS = ("group", "dup_group", "patient")
 
 # `NAME_mask.png` and `NAME_mask_3.png`; group 1 is the image stem.
 _MASK_STEM = re.compile(r"^(.+?)_mask(?:_(\d+))?$", re.IGNORECASE)
@@ -622,6 +622,50 @@ def find_groups(root: str | os.PathLike) -> dict[str, str] | None:
     if groups is None:
         logger.info("%s has no dup_group or patient column; splitting image by image", manifest)
     return groups
+
+
+# --------------------------------------------------------------------------------------------- mixtures
+
+LICENCE_FILES = ("LICENSE", "LICENSE.txt", "LICENCE", "LICENCE.txt", "SOURCE.md", "README.md")
+
+
+def write_mixture(out: str | os.PathLike, roots: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
+    """One dataset folder made of several: `out/images/TAG__NAME` and `out/mask/...` are symbolic links to
+    the sources' files (nothing is copied but the licences), TAG being each source folder's name, and
+    `out/manifest.csv` keeps each source's groups (TAG:group; a scan without one is its own group), so a
+    split of the mixture never puts one patient or one set of near-duplicates on both sides. Each
+    source's licence and provenance files are copied to `out/licenses/TAG/`, as BUS-BRA asks of any copy.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(out, "the mixture folder is not empty; pass overwrite=True (--overwrite) to replace it")
+    tags = [Path(r).resolve().name for r in roots]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"two sources share a folder name ({', '.join(tags)}); names tag the scans")
+    for sub in ("images", "mask", "licenses"):
+        if (out / sub).exists():
+            for f in (out / sub).rglob("*"):
+                if f.is_symlink() or f.is_file():
+                    f.unlink()
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rows = ["name,group,source"]
+    for root, tag in zip(roots, tags):
+        root = Path(root).resolve()
+        groups = find_groups(root) or {}
+        for s in find_samples(root):
+            name = f"{tag}__{s.name}"
+            (out / "images" / f"{name}{s.image_path.suffix.lower()}").symlink_to(s.image_path.resolve())
+            for i, m in enumerate(s.mask_paths, start=1):
+                stem = name if len(s.mask_paths) == 1 else f"{name}_mask_{i}"
+                (out / "mask" / f"{stem}{m.suffix.lower()}").symlink_to(m.resolve())
+            rows.append(f"{name},{tag}:{groups.get(s.name, s.name)},{tag}")
+        for licence in LICENCE_FILES:
+            if (root / licence).is_file():
+                (out / "licenses" / tag).mkdir(exist_ok=True)
+                (out / "licenses" / tag / licence).write_bytes((root / licence).read_bytes())
+    atomic_write_text(out / "manifest.csv", "\n".join(rows) + "\n")
+    logger.info("mixture of %s: %d scans in %s", ", ".join(tags), len(rows) - 1, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- splits

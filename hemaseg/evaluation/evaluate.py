@@ -13,16 +13,18 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 from tqdm import tqdm
 
 from hemaseg.data.dataset import find_samples, load_sample, load_split
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError
 from hemaseg.io import atomic_write_text, json_safe
 from hemaseg.evaluation.metrics import per_image_metrics, summarize_metrics
-from hemaseg.inference.postprocess import confidence
+from hemaseg.inference.postprocess import confidence, entropy_confidence
 from hemaseg.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
+REVIEW_BELOW_DICE = 0.5  # a scan with a lesion segmented below this Dice is a failure needing review
 
 
 def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | None = None,
@@ -60,9 +62,47 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
                 row.update(image=np.round(image * 255).astype(np.uint8), ref=ref, prob=prob.astype(np.float16))
             rows.append(row)
     summary = {**summarize(rows), "n_failed": len(errors)}
+    if rows:
+        for r in rows:
+            r["needs_review"] = predictor.needs_review(r["confidence"])
+        failed, missed = failures(rows)
+        conf = np.array([r["confidence"] for r in rows])
+        threshold = predictor.review_threshold
+        summary["review"] = review_figures(conf, failed, missed, threshold)
+        summary["review"]["threshold"] = threshold
+        summary["review"]["flagged_share"] = float(np.mean([r["needs_review"] for r in rows]))
+        summary["review"]["missed_flagged_share"] = (float(np.mean([r["needs_review"] for r, m in zip(rows, missed)
+                                                                    if m])) if missed.any() else None)
     if out_dir is not None:
         write_evaluation(out_dir, rows, summary, errors)
     return {"rows": rows, "summary": summary, "errors": errors}
+
+
+def failures(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(failed, missed) per scored row. A failure is what a clinician must not trust unreviewed: Dice <
+    REVIEW_BELOW_DICE on a scan with a lesion, any lesion predicted on a normal scan, or a lesion missed
+    (nothing predicted where the reference has one; a miss is also a failure)."""
+    ref = np.array([r["ref_area_px"] > 0 for r in rows])
+    pred = np.array([r["pred_area_px"] > 0 for r in rows])
+    dice = np.array([r["dice"] for r in rows], np.float64)
+    missed = ref & ~pred
+    failed = (ref & ~(dice >= REVIEW_BELOW_DICE)) | (~ref & pred)
+    return failed, missed
+
+
+def review_figures(conf: np.ndarray, failed: np.ndarray, missed: np.ndarray, threshold: float | None) -> dict:
+    """How well a confidence ranks failures: AUROC of low confidence against failure, and with the
+    review threshold the share of all scans flagged and of missed-lesion scans flagged."""
+    out = {"auroc": None, "flagged_share": None, "missed_flagged_share": None, "n_failed": int(failed.sum()),
+           "n_missed": int(missed.sum())}
+    if failed.any() and (~failed).any():  # P(a failure has lower confidence than a success); ties count half
+        out["auroc"] = float(stats.mannwhitneyu(-conf[failed], -conf[~failed]).statistic
+                             / (failed.sum() * (~failed).sum()))
+    if threshold is not None:
+        flagged = conf <= threshold
+        out["flagged_share"] = float(flagged.mean())
+        out["missed_flagged_share"] = float(flagged[missed].mean()) if missed.any() else None
+    return out
 
 
 def write_evaluation(out_dir: str | Path, rows: list[dict], summary: dict, errors: list[dict] = ()) -> None:
@@ -92,7 +132,9 @@ def score_image(name: str, prob: np.ndarray, ref: np.ndarray, pred: np.ndarray, 
     """One image's metrics row: `pred` is the final mask (threshold + postprocessing) made from `prob`
     at `threshold`, so callers can rescore the same probabilities under another plan."""
     return {"name": name, **per_image_metrics(pred, ref, spacing), "height": ref.shape[0], "width": ref.shape[1],
-            "confidence": round(confidence(np.asarray(prob, np.float32), threshold), 4), "pred": pred}
+            "confidence": round(confidence(np.asarray(prob, np.float32), threshold), 4),
+            "confidence_entropy": round(entropy_confidence(np.asarray(prob, np.float32), threshold), 4),
+            "max_prob": round(float(np.max(prob)) if np.size(prob) else 0.0, 4), "pred": pred}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -113,6 +155,12 @@ def format_summary(summary: dict) -> str:
               "n_missed_images", "lesion_sensitivity", "lesion_fp_per_image"):
         if k in summary:
             lines.append(f"  {k:<26} {_fmt(summary[k])}")
+    review = summary.get("review")
+    if review:
+        share = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+        lines.append(f"  needs review: {share(review['flagged_share'])} of scans flagged, "
+                     f"{share(review['missed_flagged_share'])} of {review['n_missed']} missed lesions; AUROC of "
+                     f"confidence against failure {_fmt(review['auroc']) if review['auroc'] is not None else 'n/a'}")
     return "\n".join(lines + [f"  empty-mask rule: {summary['empty_rule']}"])
 
 

@@ -188,6 +188,31 @@ def _distribution_png(v: np.ndarray, label: str, n_missing: int, unit_range: boo
     return _figure_png(fig)
 
 
+def risk_coverage(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, mean Dice of the scans kept) when scans are kept most confident first: what the
+    confidence buys if the least confident ones go to a person. A normal scan left empty counts as
+    Dice 1 (right), so the curve covers every scan."""
+    conf = np.array([float(r["confidence"]) for r in rows])
+    score = np.array([1.0 if _missing(r.get("dice")) else float(r["dice"]) for r in rows])
+    order = np.argsort(-conf, kind="stable")
+    kept = np.cumsum(score[order]) / np.arange(1, len(rows) + 1)
+    return np.arange(1, len(rows) + 1) / len(rows), kept
+
+
+def risk_coverage_png(rows: Sequence[dict]) -> bytes:
+    coverage, kept = risk_coverage(rows)
+    fig = _figure((5.4, 3.6))
+    ax = fig.subplots()
+    ax.plot(coverage, kept, color="tab:blue")
+    ax.axhline(kept[-1], color="gray", ls="--", lw=1, label=f"all scans: {kept[-1]:.3f}")
+    ax.set_xlabel("fraction of scans kept (most confident first)")
+    ax.set_ylabel("mean Dice of the kept scans")
+    ax.set_xlim(0, 1)
+    ax.legend(frameon=False, fontsize=9)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
 def case_overlay(row: dict, size: int = 320) -> np.ndarray:
     """RGB overlay of one evaluated case (row with 'ref', 'pred' and optionally 'image'), resampled so
     its longer side is about `size` pixels; small scans are enlarged first so outlines stay crisp."""
@@ -305,16 +330,20 @@ def write_run_report(path: str | Path, *, title: str, summary: dict, rows: Seque
 
     plots = []
     d = _finite(rows, "dice")
-    plots.append(("Distribution of per-image Dice", distribution_png(d, "Dice", len(rows) - d.size, True)))
+    box = " (histogram with a box plot above)"
+    plots.append(("Distribution of per-image Dice", distribution_png(d, "Dice", len(rows) - d.size, True), box))
     hd_key = "hd95_mm" if _finite(rows, "hd95_mm").size else "hd95_px"
     hd = _finite(rows, hd_key)
     if any(hd_key in r for r in rows):
         unit = hd_key.split("_")[1]
         plots.append((f"Distribution of per-image HD95 in {unit}",
-                      distribution_png(hd, f"HD95 ({unit})", len(rows) - hd.size)))
+                      distribution_png(hd, f"HD95 ({unit})", len(rows) - hd.size), box))
+    if rows and all("confidence" in r for r in rows):
+        plots.append(("Risk-coverage: mean Dice of the scans kept when the least confident go to review",
+                      risk_coverage_png(rows), " (a line falling from left to right)"))
     parts.append('<section id="distributions"><h2>Metric distributions</h2><div class="plots">' + "".join(
-        f"<figure>{_img_tag(png, alt + ' (histogram with a box plot above)')}<figcaption>{esc(alt)}"
-        "</figcaption></figure>" for alt, png in plots) + "</div></section>")
+        f"<figure>{_img_tag(png, alt + kind)}<figcaption>{esc(alt)}</figcaption></figure>"
+        for alt, png, kind in plots) + "</div></section>")
 
     if history:
         parts.append('<section id="training"><h2>Training curves</h2><figure>'

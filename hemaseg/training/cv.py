@@ -26,14 +26,22 @@ from scipy import stats
 from hemaseg.config import RunConfig
 from hemaseg.data.dataset import find_groups, find_samples, kfold_split, load_sample, read_groups, read_mask
 from hemaseg.device import available_cpus
-from hemaseg.evaluation.evaluate import evaluate, score_image, summarize, write_evaluation, write_report
+from hemaseg.evaluation.evaluate import (
+    REVIEW_BELOW_DICE,
+    evaluate,
+    failures,
+    review_figures,
+    score_image,
+    summarize,
+    write_evaluation,
+    write_report,
+)
 from hemaseg.inference.postprocess import decide_plan
 from hemaseg.inference.predictor import FOLD_WEIGHTS, load_model
 from hemaseg.io import atomic_write_text, json_safe, save_png
 from hemaseg.training.train import fit
 
 log = logging.getLogger(__name__)
-REVIEW_BELOW_DICE = 0.5  # a case "needs review" when its Dice would fall below this
 
 
 def make_folds(cfg: RunConfig, out: Path, folds: int, seed: int) -> list[dict]:
@@ -52,26 +60,29 @@ def make_folds(cfg: RunConfig, out: Path, folds: int, seed: int) -> list[dict]:
     return split
 
 
-def choose_review_threshold(conf: np.ndarray, dice: np.ndarray) -> dict:
-    """Confidence below which a case is flagged: the cut that best separates cases with Dice below
-    REVIEW_BELOW_DICE (Youden's J). Also reports the Spearman correlation of confidence and Dice."""
-    ok = np.isfinite(dice)
-    conf, dice = conf[ok], dice[ok]
-    result = {"n": int(ok.sum()), "review_below_dice": REVIEW_BELOW_DICE, "threshold": None,
+def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarray | None = None,
+                            missed: np.ndarray | None = None) -> dict:
+    """Confidence at or below which a case is flagged: the cut that best separates failures (see
+    `failures`) from the rest (Youden's J). Also reports the figures of `review_figures` and the
+    Spearman correlation of confidence and Dice where Dice is defined."""
+    conf, failed = np.asarray(conf, np.float64), np.asarray(failed, bool)
+    missed = np.zeros_like(failed) if missed is None else np.asarray(missed, bool)
+    result = {"n": int(len(conf)), "review_below_dice": REVIEW_BELOW_DICE, "threshold": None,
               "spearman_r": None, "spearman_p": None}
-    if len(dice) >= 3 and np.ptp(conf) > 0 and np.ptp(dice) > 0:
-        r = stats.spearmanr(conf, dice)
-        result["spearman_r"], result["spearman_p"] = float(r.statistic), float(r.pvalue)
-    bad = dice < REVIEW_BELOW_DICE
-    if bad.any() and (~bad).any():
+    if dice is not None:
+        ok = np.isfinite(dice)
+        if ok.sum() >= 3 and np.ptp(conf[ok]) > 0 and np.ptp(dice[ok]) > 0:
+            r = stats.spearmanr(conf[ok], dice[ok])
+            result["spearman_r"], result["spearman_p"] = float(r.statistic), float(r.pvalue)
+    if failed.any() and (~failed).any():
         best_j, best_t = -1.0, None
         for t in np.unique(conf):
             flagged = conf <= t
-            j = flagged[bad].mean() - flagged[~bad].mean()
+            j = flagged[failed].mean() - flagged[~failed].mean()
             if j > best_j:
                 best_j, best_t = j, float(t)
-        result.update(threshold=best_t, youden_j=float(best_j),
-                      flagged_share=float((conf <= best_t).mean()))
+        result.update(threshold=best_t, youden_j=float(best_j))
+    result.update(review_figures(conf, failed, missed, result["threshold"]))
     return result
 
 
@@ -162,9 +173,13 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
              "fold": r["fold"], "image": r["image"], "ref": r["ref"]} for r in variants[name]]
     final = variants[f"{base}+pp"]
 
-    conf = np.array([r["confidence"] for r in final])
-    review = choose_review_threshold(conf, np.array([r["dice"] for r in final]))
-    atomic_write_text(out / "confidence.json", json.dumps(review, indent=2))
+    failed, missed = failures(final)
+    dice = np.array([r["dice"] for r in final], np.float64)
+    review = choose_review_threshold(np.array([r["confidence"] for r in final]), failed, dice, missed)
+    # the confidence before empty predictions counted (side by side, its own threshold chosen the same way)
+    review["entropy_confidence"] = choose_review_threshold(
+        np.array([r["confidence_entropy"] for r in final]), failed, dice, missed)
+    atomic_write_text(out / "confidence.json", json.dumps(json_safe(review), indent=2))
     for r in final:
         r["needs_review"] = review["threshold"] is not None and r["confidence"] <= review["threshold"]
 
@@ -214,7 +229,20 @@ def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Pat
         run_dir=out / "fold_0",
         notes=[f"Out-of-fold predictions of {n} fold models ({cv_summary['inference']} inference, postprocessing "
                f"{plan}); training curves are fold 0's. Cases with confidence <= {review['threshold']} are "
-               f"flagged for review (Spearman r of confidence vs Dice: {review['spearman_r']})."])
+               f"flagged for review: {_share(review.get('flagged_share'))} of all scans and "
+               f"{_share(review.get('missed_flagged_share'))} of the {review.get('n_missed')} scans whose lesion was "
+               f"missed; AUROC of confidence against failure {_num(review.get('auroc'))} (the earlier, entropy-only "
+               f"confidence: {_num(review.get('entropy_confidence', {}).get('auroc'))}, missed lesions flagged "
+               f"{_share(review.get('entropy_confidence', {}).get('missed_flagged_share'))}). Spearman r of confidence vs "
+               f"Dice: {_num(review.get('spearman_r'))}."])
+
+
+def _share(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f} %"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def _parse_cell(v: str):

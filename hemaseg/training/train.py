@@ -62,7 +62,7 @@ from hemaseg.inference.predictor import predict_boxed
 from hemaseg.io import atomic_write_text, remove_stale_temps
 from hemaseg.models import build_model
 from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
-from hemaseg.models.pretrained import load_imagenet_encoder
+from hemaseg.models.pretrained import load_imagenet_encoder, load_packaged_weights
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     model = build_model(cfg.model)
     if tc.init == "imagenet" and state is None:
         load_imagenet_encoder(model)
+    elif tc.init != "none" and state is None:
+        load_packaged_weights(model, tc.init, cfg.model.arch)
     model = model.to(device)
     amp = use_bf16(tc.precision, device)
     # measured on a 2-core AVX-512/AMX CPU: fp32 steps run ~1.2-1.4x faster in channels_last, bf16 steps

@@ -120,7 +120,9 @@ function showResult(r) {
   $("area-px").dataset.value = String(r.area_px);
   $("area-pct").textContent = `(${pct} % of image)`;
   $("n-lesions").textContent = r.n_lesions === 0 ? "none found" : String(r.n_lesions);
-  $("confidence").textContent = `${Math.round(100 * r.confidence)} %`;
+  // an empty mask is a finding too: with weak evidence it says "no lesion found - review", never "100 %"
+  $("confidence").textContent = `${r.finding} (confidence ${Math.round(100 * r.confidence)} %)`;
+  $("confidence").classList.toggle("review", r.needs_review);
   $("image-size").textContent = `${r.image.width} × ${r.image.height} px, ${r.image.format}`;
   $("latency").textContent = `${Math.round(r.latency_ms)} ms`;
   for (const [id, b64] of [["download-mask", r.mask_png], ["download-overlay", r.overlay_png]]) {

@@ -4,7 +4,7 @@
 
 1. synthesizes `--synthetic` scans (256 px, seed 0) and mixes them with the named shared folders
    (`hemaseg mix`: links, each source's groups kept apart, licences copied);
-2. trains the `imagenet` preset (EfficientNet-Lite0 UNet, encoder from ImageNet) on the mixture for the
+2. trains the `default` preset (EfficientNet-Lite0 UNet, encoder from ImageNet) on the mixture for the
    budget, with a group-aware 10 % validation split;
 3. writes `hemaseg/weights/ultrasound.pt` (fp16 weights + config + provenance: sources, budget, images
    seen, CPU) and `hemaseg/weights/MODEL_CARD.md`;
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         folders.append(write_synthetic_dataset(root / "synthetic", args.synthetic, size=256, seed=0, progress=False))
         sources.append("synthetic")
     mix = write_mixture(root / "mix", folders, overwrite=True)
-    cfg, loaded = configure(mix, "imagenet", {"budget_minutes": args.budget_minutes, "val_fraction": 0.1})
+    cfg, loaded = configure(mix, "default", {"budget_minutes": args.budget_minutes, "val_fraction": 0.1})
     summary = fit(cfg, root / "run", dataset=loaded, overwrite=True, progress=False)
     left_out = [s for s in ALL_SETS if s not in sources]
     provenance = {

@@ -6,7 +6,7 @@ Every variant trains on the same split (fold 0 of the fixed 5-fold, group-aware 
 wall-time budget, then its final weights are scored on the held-out fold with and without flip TTA
 (the last column scores best.pt, picked on those same scans: optimistic, shown only for the size of
 that bias). Prints one table and writes benchmarks/results/recipe_<dataset>.json. A variant changes
-one thing from the `default` preset; keep only what wins, and only when the win is larger than the
+one thing from the `scratch` preset (the `default` before pretrained starts); keep only what wins, and only when the win is larger than the
 noise between seeds.
 """
 
@@ -29,7 +29,7 @@ from hemaseg.training.cv import make_folds
 from hemaseg.training.train import configure, fit
 
 # a variant is the overrides it passes to resolve_config (flat setting names, config.SETTINGS) on top of
-# the `default` preset adapted to the data
+# the `scratch` preset (the seed network from random weights) adapted to the data
 VARIANTS: dict[str, dict] = {
     "default": {},
     "seed2": {"seed": 2},  # the same recipe, another seed: the noise floor
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     # the data is read once; each variant is the default preset planned on its statistics plus the overrides
-    base, loaded = configure(data, "default", {"budget_minutes": args.budget_minutes})
+    base, loaded = configure(data, "scratch", {"budget_minutes": args.budget_minutes})
     root = RUNS / f"recipe_{args.dataset}"
     root.mkdir(parents=True, exist_ok=True)
     fold = make_folds(base, root, 5, seed=0)[0]
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     previous = RESULTS / f"recipe_{args.dataset}.json"
     results = json.loads(previous.read_text())["variants"] if previous.is_file() else {}  # variants add up
     for name in names:
-        cfg = resolve_config(data, "default", loaded.stats, base.plan.device_type,
+        cfg = resolve_config(data, "scratch", loaded.stats, base.plan.device_type,
                              {**VARIANTS[name], "budget_minutes": args.budget_minutes})
         out = root / name
         if args.rerun and out.exists():

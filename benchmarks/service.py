@@ -54,7 +54,7 @@ def write_checkpoint(folder: Path) -> Path:
     from hemaseg.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    cfg = resolve_config("", "default", device_type="cpu")  # no data: the preset as it stands
+    cfg = resolve_config("", "scratch", device_type="cpu")  # no data: the preset as it stands
     path = folder / "best.pt"
     save_checkpoint(path, {"version": __version__, "config": cfg.to_dict(),
                            "model": build_model(cfg.model).state_dict(), "epoch": 0, "metrics": {},

@@ -65,7 +65,7 @@ def inference_config(size: int):
     """The `default` preset at input `size` (no data: nothing to plan from but the device)."""
     from hemaseg.config import resolve_config
 
-    return resolve_config("", "default", device_type=DEVICE.type, overrides={"size": size})
+    return resolve_config("", "scratch", device_type=DEVICE.type, overrides={"size": size})
 
 
 def seed_model(size: int) -> torch.nn.Module:
@@ -254,7 +254,7 @@ def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, pr
 
     overrides = {"size": size, "val_fraction": 0.1, "epochs": epochs, "batch_size": batch,
                  "device": str(DEVICE), "precision": precision, "num_workers": workers}
-    cfg, loaded = configure(data, "default", overrides)
+    cfg, loaded = configure(data, "scratch", overrides)
     summary = fit(cfg, out, dataset=loaded, progress=False)
     with open(out / "metrics.csv", newline="") as f:
         seconds = [float(r["epoch_s"]) for r in csv.DictReader(f)]

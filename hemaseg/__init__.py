@@ -17,9 +17,10 @@ _API = {
     "Prediction": ("inference.predictor", "Prediction"),
     "train_model": ("training.train", "train_model"),
     "fit": ("training.train", "fit"),
-    "build_model": ("models.unet", "build_model"),
-    "ModelConfig": ("models.unet", "ModelConfig"),
+    "build_model": ("models", "build_model"),
+    "ModelConfig": ("config", "ModelConfig"),
     "RunConfig": ("config", "RunConfig"),
+    "resolve_config": ("config", "resolve_config"),
     "check_dataset": ("data.dataset", "check_dataset"),
     "write_synthetic_dataset": ("data.synth", "write_synthetic_dataset"),
 }

@@ -28,14 +28,15 @@ def test_cli_python_api_and_demo_write_the_same_config_for_the_same_ask(tiny_dat
     assert json.loads(json.dumps({k: v for k, v in demo_cfg.to_dict().items() if k in cli})) == cli
 
 
-def test_train_defaults_are_the_default_preset_and_help_shows_them(capsys):
-    default, cfg = PRESETS["default"], TrainConfig()
+def test_config_defaults_are_the_scratch_preset_and_help_shows_every_presets_values(capsys):
+    default, cfg = PRESETS["scratch"], TrainConfig()
     assert (cfg.batch_size, cfg.lr, cfg.epochs) == (default.batch_size, default.lr, default.epochs)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"default {default.batch_size}, seed {PRESETS['seed'].batch_size}" in text
-    assert f"default {default.lr}, seed {PRESETS['seed'].lr}" in text
+    assert f"scratch {default.batch_size}, seed {PRESETS['seed'].batch_size}" in text
+    assert f"scratch {default.lr}, seed {PRESETS['seed'].lr}" in text
+    assert f"default {PRESETS['default'].batch_size}," in text
 
 
 def test_the_plan_caps_the_size_at_the_scans_and_flags_win():
@@ -43,21 +44,22 @@ def test_the_plan_caps_the_size_at_the_scans_and_flags_win():
     assert make_plan("default", stats).size == 128  # the 256 px preset, capped at 100 rounded up to 32
     cfg = resolve_config("d", "default", stats, "cpu", {"size": 64, "lr": 0.5})
     assert cfg.data.size == 64 and cfg.train.lr == 0.5 and cfg.plan.preset == "default"
-    assert resolve_config("d", "default", stats, "cpu", {"depth": 3}).model.arch == "unet"  # seed has no depth knob
+    assert resolve_config("d", "scratch", stats, "cpu", {"depth": 3}).model.arch == "unet"  # seed has no depth knob
     assert not any(resolve_config("d", "seed", None, "cpu", {"augment": False}).augment.__dict__[k]
                    for k in ("hflip", "affine_p", "gamma_p"))
 
 
 def test_bad_settings_name_the_python_key_and_the_cli_flag(tiny_data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="^size must be a multiple of 32 for model 'unet'"):
-        resolve_config("d", "default", None, "cpu", {"depth": 5, "size": 48})
+        resolve_config("d", "scratch", None, "cpu", {"depth": 5, "size": 48})
     with pytest.raises(ConfigError, match="^batch_sise is not a setting"):
         resolve_config("d", "default", None, "cpu", {"batch_sise": 2})
     with pytest.raises(ConfigError, match="^batch_size must be >= 1"):
         hemaseg.train_model(tiny_data, tmp_path / "x", batch_size=0)
     assert main(["-q", "train", str(tiny_data), "--out", str(tmp_path / "y"), "--size", "40"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().endswith("--size must be a multiple of 16 for model 'seed' (depth 4); got 40, try 32 or 48")
+    assert err.strip().endswith("--size must be a multiple of 32 for model 'efficientnet-lite0-unet' (depth 5); "
+                                "got 40, try 32 or 64")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
 
 

@@ -49,10 +49,10 @@ def test_a_missing_unused_or_misshapen_tensor_fails_the_load():
 
 def test_imagenet_init_needs_the_pretrained_encoder_and_the_encoder_learns_slower(tiny_data):
     with pytest.raises(ConfigError, match="^init imagenet needs model efficientnet-lite0-unet"):
-        resolve_config("d", "default", None, "cpu", {"init": "imagenet"})
+        resolve_config("d", "scratch", None, "cpu", {"init": "imagenet"})
     from hemaseg.training.train import param_groups
 
-    cfg = resolve_config("d", "imagenet", None, "cpu", {"size": 64})
+    cfg = resolve_config("d", "default", None, "cpu", {"size": 64})
     model = build_model(cfg.model)
     encoder_group, decoder_group = param_groups(model, cfg.train)
     assert encoder_group["lr"] == pytest.approx(cfg.train.lr * cfg.train.encoder_lr_scale)
@@ -66,7 +66,7 @@ def test_a_pretrained_run_trains_predicts_and_exports(tiny_data, tmp_path):
     import hemaseg
     from hemaseg.inference.export import export_onnx
 
-    summary = hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet", size=64, epochs=1, progress=False)
+    summary = hemaseg.train_model(tiny_data, tmp_path / "run", preset="default", size=64, epochs=1, progress=False)
     assert summary["epochs"] == 1
     model = hemaseg.load_model(tmp_path / "run", device="cpu")
     pred = model.predict(np.random.default_rng(0).integers(0, 255, (50, 70), dtype=np.uint8))
@@ -81,7 +81,7 @@ def packaged(tiny_data, tmp_path, monkeypatch):
     import hemaseg.models.pretrained as pretrained
     from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
 
-    hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet", size=64, epochs=1, progress=False)
+    hemaseg.train_model(tiny_data, tmp_path / "run", preset="default", size=64, epochs=1, progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     path = tmp_path / "ultrasound.pt"
     save_checkpoint(path, {**ckpt, "provenance": {"sources": ["busbra", "synthetic"]},

@@ -4,7 +4,7 @@
 
 1. synthesizes `--synthetic` scans (256 px, seed 0) and mixes them with the named shared folders
    (`hemaseg mix`: links, each source's groups kept apart, licences copied);
-2. trains the `default` preset (EfficientNet-Lite0 UNet, encoder from ImageNet) on the mixture for the
+2. trains the `imagenet` preset (EfficientNet-Lite0 UNet, encoder from ImageNet) on the mixture for the
    budget, with a group-aware 10 % validation split;
 3. writes `hemaseg/weights/ultrasound.pt` (fp16 weights + config + provenance: sources, budget, images
    seen, CPU) and `hemaseg/weights/MODEL_CARD.md`;
@@ -57,7 +57,7 @@ def model_card(provenance: dict, zero_shot: dict) -> str:
     return f"""# hemaseg `ultrasound` model
 
 **Intended use:** decision support for segmenting one lesion class in 2-D B-mode ultrasound, as a starting
-point to fine-tune on a clinic's own scans (`hemaseg train DATA --preset ultrasound`) or to segment
+point to fine-tune on a clinic's own scans (`hemaseg train DATA`: the default preset) or to segment
 without training (`hemaseg predict ultrasound SCANS --out DIR`). Not a diagnosis, not a medical device:
 every outline needs a clinician's review. It has never seen an infantile hemangioma.
 
@@ -79,10 +79,14 @@ Data left out of training, so figures on them are honest: {', '.join(provenance[
 
 **Known limits:** breast lesions dominate the training data; BUS-BRA scans often carry caliper marks (+)
 next to the lesion, which a model may learn to look for; the synthetic scans are an idealised speckle model.
+BUS-BRA has no normal scans, so the model learned that there is always something to outline: zero-shot it
+marks a lesion on most normal scans (the false-positive column). Fine-tune on data that includes normal
+scans (`hemaseg cv` then also decides out of fold when a scan gets no lesion) before trusting "no lesion".
 
 **Credits and licences** (licence files of each source are in the mixture folder's `licenses/`):
 {credits}
-- BUS-BRA's licence asks every work using it to cite the article above and every copy to keep its LICENSE.txt.
+- BUS-BRA's licence asks every work using it to cite the article above and every copy to keep its LICENSE.txt
+  (beside this card as BUS-BRA-LICENSE.txt).
 """
 
 
@@ -103,7 +107,7 @@ def main(argv=None) -> None:
         folders.append(write_synthetic_dataset(root / "synthetic", args.synthetic, size=256, seed=0, progress=False))
         sources.append("synthetic")
     mix = write_mixture(root / "mix", folders, overwrite=True)
-    cfg, loaded = configure(mix, "default", {"budget_minutes": args.budget_minutes, "val_fraction": 0.1})
+    cfg, loaded = configure(mix, "imagenet", {"budget_minutes": args.budget_minutes, "val_fraction": 0.1})
     summary = fit(cfg, root / "run", dataset=loaded, overwrite=True, progress=False)
     left_out = [s for s in ALL_SETS if s not in sources]
     provenance = {
@@ -121,6 +125,9 @@ def main(argv=None) -> None:
         if (SHARED_DATA / name / "images").is_dir():
             zero_shot[name] = evaluate(model, str(SHARED_DATA / name), progress=False, tta=True)["summary"]
     atomic_write_text(out.parent / "MODEL_CARD.md", model_card(provenance, zero_shot))
+    for s in sources:  # a licence that asks to travel with every copy travels with the weights too
+        if (SHARED_DATA / s / "LICENSE.txt").is_file() and s == "busbra":
+            (out.parent / "BUS-BRA-LICENSE.txt").write_bytes((SHARED_DATA / s / "LICENSE.txt").read_bytes())
     print(table(["set", "scans", "Dice lesion", "Dice all", "FP normals"],
                 [[n, r["n_images"], r["dice_mean_lesion"], r["dice_mean"], r["n_false_positive_images"]]
                  for n, r in zero_shot.items()]))

@@ -2,9 +2,9 @@
 
     python benchmarks/pretrained.py --dataset busi --budget-minutes 6 --folds 0,1,2 [--variants scratch,imagenet]
 
-Each variant is a preset (`scratch`, the seed network from random weights; `imagenet` = `default`, the
-EfficientNet-Lite0 UNet with its encoder from ImageNet; `ultrasound` = the same network fine-tuned from
-hemaseg's packaged ultrasound model, refused unless that model never trained on the set) trained on the fixed 5-fold group-aware split's
+Each variant is a preset (`scratch`, the seed network from random weights; `imagenet`, the
+EfficientNet-Lite0 UNet with its encoder from ImageNet; `ultrasound` = `default`, the same network fine-tuned
+from hemaseg's packaged ultrasound model, refused unless that model never trained on the set) trained on the fixed 5-fold group-aware split's
 training part for the same wall-time budget, then its final weights are scored on the held-out fold
 (never seen in training or in any pretraining: ImageNet holds no ultrasound). Prints one table with
 mean +- sd over the folds (a variant wins only by more than that spread) and writes
@@ -30,7 +30,7 @@ from hemaseg.training.cv import make_folds
 from hemaseg.training.train import configure, fit
 
 # name -> (preset, overrides); `ultrasound` fine-tunes the packaged model, which must not have seen the set
-VARIANTS = {"scratch": ("scratch", {}), "imagenet": ("default", {}), "ultrasound": ("ultrasound", {})}
+VARIANTS = {"scratch": ("scratch", {}), "imagenet": ("imagenet", {}), "ultrasound": ("default", {})}
 METRICS = ("dice_lesion", "dice_all", "fp_normals", "hd95_px_median", "lesion_sensitivity")
 
 

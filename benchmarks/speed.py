@@ -138,7 +138,17 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> tuple[d
         runners[f"{name} network"] = no_grad(make_backend(model, name, DEVICE))
         predictor = Predictor(model, config, device=DEVICE, backend=name)
         runners[f"{name} predict path"] = lambda p=predictor: p.predict_proba_batch(scans, batch_size=batch)
-    return runners, {"backend": default.backend, "record": default.metadata.get("backend_auto")}
+    # the `default` preset's network (the pretrained Lite0 UNet since session 4), also through auto
+    from hemaseg.config import resolve_config
+    from hemaseg.models import build_model
+    from hemaseg.models.fusion import randomize_batchnorm
+
+    pre_cfg = resolve_config("", "default", device_type=DEVICE.type, overrides={"size": size})
+    pre = Predictor(randomize_batchnorm(build_model(pre_cfg.model), seed=0).eval(), pre_cfg, device=DEVICE,
+                    backend="auto")
+    runners["default-preset model predict path"] = lambda: pre.predict_proba_batch(scans, batch_size=batch)
+    return runners, {"backend": default.backend, "record": default.metadata.get("backend_auto"),
+                     "preset_model": pre_cfg.model.arch, "preset_backend": pre.backend}
 
 
 # ONNX Runtime's worker threads spin for a while after a run: on 2 cores a session that just ran stole
@@ -171,7 +181,7 @@ def compare_default(times: dict[str, float], size: int, batch: int, auto: dict) 
     fixed backend's predict path, from one interleaved measurement. Ratios are speed ratios: the other
     variant's time over the default's (> 1: the default is faster)."""
     default = times["auto predict path"]
-    fixed = {k: v for k, v in times.items() if k.endswith(" predict path") and not k.startswith("auto ")}
+    fixed = {k: v for k, v in times.items() if k.endswith(" predict path") and not k.startswith(("auto ", "default-"))}
     fastest = min(fixed, key=fixed.get)
     return {"size": size, "batch": batch, "default_backend": auto["backend"],
             "default_predict_ms": round(1e3 * default / batch, 2),
@@ -180,7 +190,10 @@ def compare_default(times: dict[str, float], size: int, batch: int, auto: dict) 
             "fastest_backend": fastest.removesuffix(" predict path"),
             "fastest_predict_ms": round(1e3 * fixed[fastest] / batch, 2),
             "default_vs_fastest": round(fixed[fastest] / default, 2),
-            "auto_choice": auto["record"]}
+            "auto_choice": auto["record"],
+            "preset_model": auto.get("preset_model"), "preset_backend": auto.get("preset_backend"),
+            "preset_model_ms": round(1e3 * times["default-preset model predict path"] / batch, 2),
+            "preset_model_vs_seed": round(times["default-preset model predict path"] / default, 2)}
 
 
 def bench_inference(sizes, batches, rounds, reps, peak) -> tuple[list[dict], list[dict]]:
@@ -351,6 +364,10 @@ def format_table(result: dict) -> str:
                      f"{d['default_vs_fastest']:>17.2f}x")
         at_load = (d["auto_choice"] or {}).get("ms")
         lines.append(f"{'':>13}auto chose {d['default_backend']} (batch-1 network ms at load: {at_load})")
+        if d.get("preset_model"):
+            lines.append(f"{'':>13}the default preset's network ({d['preset_model']}, auto -> {d['preset_backend']}): "
+                         f"{d['preset_model_ms']:.2f} ms per scan = {d['preset_model_vs_seed']:.2f}x the seed "
+                         "network's default predict path")
     if result.get("training"):
         lines += ["", "## training end to end (256 px, batch 8; images/s incl. data loading and augmentation)",
                   f"{'variant':<28} {'img/s':>7} {'x orig':>7} {'% peak':>7}  per round"]

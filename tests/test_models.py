@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from hemaseg.config import ModelConfig
+from hemaseg.config import ARCHS, ModelConfig
 from hemaseg.models import MODELS, build_model, count_parameters
 from hemaseg.models.unet import UNet
 
@@ -41,11 +41,11 @@ def test_model_returns_logits_not_probabilities():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match="seed, unet"):
+    with pytest.raises(ValueError, match="seed, unet, efficientnet-lite0-unet"):
         ModelConfig(arch="resnet")
     with pytest.raises(ValueError, match="batch"):
         ModelConfig(norm="layer")
-    assert set(MODELS) == {"seed", "unet"}
+    assert set(MODELS) == {"seed", "unet", "efficientnet-lite0-unet"} == set(ARCHS)
 
 
 @pytest.mark.skipif(not (SHARED_DATA.parent / "reference" / "seed_unet.py").is_file(), reason="../shared absent")

@@ -319,7 +319,7 @@ def _configure(args: argparse.Namespace):
     return configure(args.data, args.preset, _train_overrides(args), base, progress=not args.quiet)
 
 
-RESUME_MAY_CHANGE = ("epochs", "device", "num_workers")  # settings a resume may set; the rest are the run's
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers")  # settings a resume may set (train.RESUMABLE_CHANGES)
 
 
 def cmd_synth(args) -> int:

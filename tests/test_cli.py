@@ -189,3 +189,5 @@ def test_resume_refuses_flags_that_would_change_the_run_and_accepts_moved_data(t
     assert "drop --lr" in capsys.readouterr().err
     shutil.copytree(tiny_data, tmp_path / "moved")
     assert main(["-q", "train", str(tmp_path / "moved"), "--resume", str(tmp_path / "run"), "--epochs", "3"]) == 0
+    assert main(["-q", "train", "--resume", str(tmp_path / "run"), "--epochs", "4", "--device", "cpu",
+                 "--num-workers", "0"]) == 0  # another device or loader is not another run

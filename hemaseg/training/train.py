@@ -290,14 +290,18 @@ def _what_changed(state: dict, split: Mapping, data: LoadedDataset) -> str:
     return (f"fingerprint {state.get('data_fingerprint')} -> {data.fingerprint}: " + ", ".join(parts))
 
 
+RESUMABLE_CHANGES = ("root", "device", "num_workers", "epochs")  # where the data lives and what runs it: free
+
+
 def _settings_changed(saved: dict, cfg: RunConfig) -> list[str]:
-    """Settings (outside data.root, which may move) that differ between the run and `cfg`."""
+    """Settings that differ between the run and `cfg`, apart from RESUMABLE_CHANGES (data that moved,
+    another device or loader; `epochs` is given to a resume explicitly)."""
     now = cfg.to_dict()
     changed = []
     for section in ("data", "model", "augment", "train", "inference"):
         for key, value in now[section].items():
             old = saved.get(section, {}).get(key, value)
-            if key != "root" and (list(old) if isinstance(old, tuple) else old) != \
+            if key not in RESUMABLE_CHANGES and (list(old) if isinstance(old, tuple) else old) != \
                     (list(value) if isinstance(value, tuple) else value):
                 changed.append(f"{key} {old!r} -> {value!r}")
     return changed

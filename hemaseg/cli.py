@@ -425,9 +425,9 @@ def cmd_predict(args) -> int:
 
     if not resolve_model(args.run).exists():
         raise FileNotFoundError(f"{args.run}: no such run folder or checkpoint")
-    collect_inputs(args.inputs)  # a wrong argument fails before the model loads and before --out exists
+    files = collect_inputs(args.inputs)  # a wrong argument fails before the model loads and --out exists
     predictor = _load(args)
-    result = predict_files(predictor, args.inputs, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
+    result = predict_files(predictor, files, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
                            progress=not args.quiet, fail_fast=args.fail_fast,
                            max_pixels=args.max_pixels or DataConfig.max_pixels)
     found = sum(r["n_lesions"] > 0 for r in result.rows)

@@ -66,13 +66,8 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
         for r in rows:
             r["needs_review"] = predictor.needs_review(r["confidence"])
         failed, missed = failures(rows)
-        conf = np.array([r["confidence"] for r in rows])
-        threshold = predictor.review_threshold
-        summary["review"] = review_figures(conf, failed, missed, threshold)
-        summary["review"]["threshold"] = threshold
-        summary["review"]["flagged_share"] = float(np.mean([r["needs_review"] for r in rows]))
-        summary["review"]["missed_flagged_share"] = (float(np.mean([r["needs_review"] for r, m in zip(rows, missed)
-                                                                    if m])) if missed.any() else None)
+        summary["review"] = {"threshold": predictor.review_threshold, **review_figures(
+            np.array([r["confidence"] for r in rows]), failed, missed, np.array([r["needs_review"] for r in rows]))}
     if out_dir is not None:
         write_evaluation(out_dir, rows, summary, errors)
     return {"rows": rows, "summary": summary, "errors": errors}
@@ -90,16 +85,15 @@ def failures(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return failed, missed
 
 
-def review_figures(conf: np.ndarray, failed: np.ndarray, missed: np.ndarray, threshold: float | None) -> dict:
-    """How well a confidence ranks failures: AUROC of low confidence against failure, and with the
-    review threshold the share of all scans flagged and of missed-lesion scans flagged."""
+def review_figures(conf: np.ndarray, failed: np.ndarray, missed: np.ndarray, flagged: np.ndarray | None) -> dict:
+    """How well a confidence ranks failures: AUROC of low confidence against failure, and, given which
+    scans were flagged for review, the share of all scans and of missed-lesion scans flagged."""
     out = {"auroc": None, "flagged_share": None, "missed_flagged_share": None, "n_failed": int(failed.sum()),
            "n_missed": int(missed.sum())}
     if failed.any() and (~failed).any():  # P(a failure has lower confidence than a success); ties count half
         out["auroc"] = float(stats.mannwhitneyu(-conf[failed], -conf[~failed]).statistic
                              / (failed.sum() * (~failed).sum()))
-    if threshold is not None:
-        flagged = conf <= threshold
+    if flagged is not None:
         out["flagged_share"] = float(flagged.mean())
         out["missed_flagged_share"] = float(flagged[missed].mean()) if missed.any() else None
     return out
@@ -132,8 +126,8 @@ def score_image(name: str, prob: np.ndarray, ref: np.ndarray, pred: np.ndarray, 
     """One image's metrics row: `pred` is the final mask (threshold + postprocessing) made from `prob`
     at `threshold`, so callers can rescore the same probabilities under another plan."""
     return {"name": name, **per_image_metrics(pred, ref, spacing), "height": ref.shape[0], "width": ref.shape[1],
-            "confidence": round(confidence(np.asarray(prob, np.float32), threshold), 4),
-            "confidence_entropy": round(entropy_confidence(np.asarray(prob, np.float32), threshold), 4),
+            "confidence": round(confidence(prob, threshold), 4),
+            "confidence_entropy": round(entropy_confidence(prob, threshold), 4),
             "max_prob": round(float(np.max(prob)) if np.size(prob) else 0.0, 4), "pred": pred}
 
 

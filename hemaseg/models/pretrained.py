@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hemaseg.models.checkpoint import load_checkpoint
+
 log = logging.getLogger(__name__)
 
 UNUSED_PREFIXES = ("_fc.", "_conv_head.", "_bn1.")  # classifier + head; blocks' own _bn1 are inside _blocks.
@@ -52,8 +54,6 @@ def resolve_model(path_or_name: str | Path) -> Path:
 
 def trained_on(name: str) -> list[str]:
     """The data sets the packaged model `name` was trained on (its provenance)."""
-    from hemaseg.models.checkpoint import load_checkpoint
-
     return list((load_checkpoint(packaged_model(name)).get("provenance") or {}).get("sources", []))
 
 
@@ -68,8 +68,6 @@ def check_left_out(name: str, dataset: str) -> None:
 
 def load_packaged_weights(model: nn.Module, name: str, arch: str) -> nn.Module:
     """Every weight of the packaged model `name` into `model` (same architecture, all tensors matched)."""
-    from hemaseg.models.checkpoint import load_checkpoint
-
     path = packaged_model(name)
     ckpt = load_checkpoint(path)
     if ckpt["config"]["model"]["arch"] != arch:

@@ -82,7 +82,8 @@ def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarr
             if j > best_j:
                 best_j, best_t = j, float(t)
         result.update(threshold=best_t, youden_j=float(best_j))
-    result.update(review_figures(conf, failed, missed, result["threshold"]))
+    result.update(review_figures(conf, failed, missed,
+                                 None if result["threshold"] is None else conf <= result["threshold"]))
     return result
 
 

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hemaseg import __version__
-from hemaseg.config import RunConfig, resolve_config
+from hemaseg.config import DataConfig, RunConfig, resolve_config
 from hemaseg.data.dataset import (
     LoadedDataset,
     find_groups,
@@ -521,7 +521,7 @@ def configure(data_root: str | Path, preset: str = "default", overrides: Mapping
     overrides = dict(overrides or {})
     base_data = (base or {}).get("data", {})
     mask_threshold = overrides.get("mask_threshold", base_data.get("mask_threshold"))
-    max_pixels = overrides.get("max_pixels") or base_data.get("max_pixels") or RunConfig().data.max_pixels
+    max_pixels = overrides.get("max_pixels") or base_data.get("max_pixels") or DataConfig.max_pixels
     data = load_dataset(data_root, mask_threshold, max_pixels, progress)
     device = overrides.get("device") or (base or {}).get("train", {}).get("device") or "auto"
     cfg = resolve_config(data_root, preset, data.stats, select_device(device).type, overrides, base)

@@ -114,6 +114,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help=f"training epochs (presets: {_presets('epochs')})")
     g.add_argument("--budget-minutes", type=float, metavar="M",
                    help="fit the number of epochs to M minutes of wall time (measured after the first epoch)")
+    g.add_argument("--budget-images", type=int, metavar="N",
+                   help="train the whole epochs closest to N training images seen (steps x batch): the same "
+                        "training on any machine, however fast (instead of --budget-minutes)")
+    g.add_argument("--ema-decay", type=float, metavar="D",
+                   help=f"validate and save an exponential moving average of the weights with decay D, e.g. "
+                        f"0.99; 0 = off (default {tr.ema_decay:g})")
     g.add_argument("--batch-size", type=int, help=f"images per step (presets: {_presets('batch_size')}; halved on "
                                                   "a CPU above 256 px)")
     g.add_argument("--loss", choices=LOSSES, help=f"Dice + BCE or Dice + focal, MONAI's (default {tr.loss})")

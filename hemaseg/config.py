@@ -151,7 +151,13 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation. `epochs` is ignored when `budget_minutes` is set: the run fits epochs to it."""
+    """Optimisation. `epochs` is ignored when a budget is set: `budget_minutes` fits the epochs to wall time
+    (measured as the run goes), `budget_images` to a number of training images seen (steps x batch), which
+    means the same training on any machine however fast it is (the budget a benchmark should compare at).
+
+    `ema_decay` > 0 keeps an exponential moving average of the weights (updated after every step, its
+    decay warmed up as (1 + step) / (10 + step) so a short fine-tune is not dominated by the start); the
+    average is what validation scores and what the checkpoints hold for inference."""
 
     epochs: int = 100
     batch_size: int = 4
@@ -166,6 +172,8 @@ class TrainConfig:
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 where native (device.bf16_supported)
     num_workers: int | None = None  # data-loader processes; None: 0 on the CPU, 4 on CUDA (train.loader_workers)
     budget_minutes: float | None = None
+    budget_images: int | None = None
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.99 averages over ~100 steps
     checkpoint_every_s: float = 60.0  # a crash loses at most one epoch or about this much training (train.py)
     init: str = "none"  # where the weights start (INITS)
     encoder_lr_scale: float = 0.1  # a pretrained encoder learns at this fraction of lr (its features are good)
@@ -191,6 +199,12 @@ class TrainConfig:
             raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise ConfigError("budget_minutes", f"must be > 0, got {self.budget_minutes}")
+        if self.budget_images is not None and self.budget_images < 1:
+            raise ConfigError("budget_images", f"must be >= 1, got {self.budget_images}")
+        if self.budget_images is not None and self.budget_minutes is not None:
+            raise ConfigError("budget_images", "give a budget in minutes or in images seen, not both")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -271,8 +285,9 @@ class Plan:
         m = cfg.model
         width = f", width {m.base_width}, depth {m.depth}" if m.arch == "unet" else ""
         init = f", init {cfg.train.init}" if cfg.train.init != "none" else ""
-        epochs = (f"budget {cfg.train.budget_minutes} min" if cfg.train.budget_minutes
-                  else f"epochs {cfg.train.epochs}")
+        tc = cfg.train
+        epochs = (f"budget {tc.budget_minutes} min" if tc.budget_minutes else
+                  f"budget {tc.budget_images:,} images" if tc.budget_images else f"epochs {tc.epochs}")
         return (f"plan ({self.preset}, {self.device_type}): {m.arch}{width}{init}, input {cfg.data.size} px, batch "
                 f"{cfg.train.batch_size}, lr {cfg.train.lr}, {epochs}; dataset: {dataclasses.asdict(self.stats)}")
 

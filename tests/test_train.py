@@ -34,8 +34,9 @@ def test_same_seed_same_metrics_on_cpu(tiny_data, tiny_run, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, epochs=3)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_data, tmp_path, ema_decay):
+    cfg = tiny_config(tiny_data, epochs=3, ema_decay=ema_decay)
     fit(cfg, tmp_path / "full", progress=False)
 
     class Stop(Exception):
@@ -51,9 +52,42 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_data, tmp_pat
     fit(cfg, tmp_path / "cut", resume=True, progress=False)
     full, cut = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     assert cut["epoch"] == full["epoch"] == 3
-    for k in full["model"]:
-        assert torch.equal(full["model"][k], cut["model"][k]), k
+    for key in ("model", "train_model") if ema_decay else ("model",):
+        for k in full[key]:
+            assert torch.equal(full[key][k], cut[key][k]), (key, k)
     assert [h["val_dice"] for h in full["history"]] == [h["val_dice"] for h in cut["history"]]
+
+
+def test_ema_checkpoints_hold_the_average_and_training_resumes_from_the_raw_weights(tiny_data, tmp_path):
+    fit(tiny_config(tiny_data, epochs=2, ema_decay=0.9), tmp_path / "ema", progress=False)
+    last = load_checkpoint(tmp_path / "ema" / "last.pt")
+    assert int(last["ema"]["n_averaged"]) == 2 * 3  # one update per step: 13 training scans // batch 4 = 3 steps
+    weights = [k for k, v in last["model"].items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.equal(last["model"][k], last["ema"][f"module.{k}"]) for k in last["model"])
+    assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in weights)
+
+
+def test_ema_update_warms_its_decay_up_and_copies_integer_buffers():
+    from hemaseg.training.train import ema_update
+
+    update = ema_update(0.99)
+    avg, new = [torch.zeros(2)], [torch.ones(2)]
+    update(avg, new, torch.tensor(1))  # decay min(0.99, 2 / 11): the average moves 9/11 of the way
+    assert torch.allclose(avg[0], torch.full((2,), 9 / 11))
+    avg = [torch.zeros(2)]
+    update(avg, new, torch.tensor(10**6))  # long after warm-up: the configured decay
+    assert torch.allclose(avg[0], torch.full((2,), 0.01))
+    counts = [torch.tensor(3)]
+    update(counts, [torch.tensor(7)], torch.tensor(5))
+    assert int(counts[0]) == 7
+
+
+def test_a_budget_in_images_seen_fixes_the_epochs_whatever_the_clock(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, epochs=1, budget_images=50)  # 13 training scans, batch 4: 12 images an epoch
+    summary = fit(cfg, tmp_path / "run", progress=False)
+    assert summary["epochs"] == 4 and summary["images_seen"] == 48 and summary["budget_images"] == 50
+    with pytest.raises(ValueError, match="not both"):
+        tiny_config(tiny_data, budget_images=50, budget_minutes=1.0)
 
 
 def test_a_budget_fits_the_epochs_to_the_time_on_a_fake_clock(tiny_data, tmp_path):

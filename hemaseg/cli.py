@@ -48,6 +48,37 @@ def _add_max_pixels_flag(p: argparse.ArgumentParser) -> None:
                         f"before decoding (default {DataConfig.max_pixels:,})")
 
 
+def _frame(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frame number (0 = the first) or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"frame numbers start at 0; got {value}")
+    return value
+
+
+def _spacing(text: str):
+    from hemaseg.measure.calibration import parse_pixel_spacing
+
+    try:
+        return parse_pixel_spacing(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_measure_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pixel-spacing", type=_spacing, metavar="MM|X,Y",
+                   help="mm per pixel of scans without their own calibration (PNG/JPEG, DICOM without "
+                        "ultrasound regions or pixel spacing): one value for square pixels or x,y; a DICOM "
+                        "file's own calibration always wins, and one that is unusable keeps figures in pixels")
+    p.add_argument("--frame", type=_frame, default=0, metavar="N|all",
+                   help="which frame of a multi-frame (cine) DICOM to use, from 0, or 'all' (outputs "
+                        "NAME_frameNNN_*; default 0)")
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-threshold", type=float, default=None, metavar="F",
                    help="binarise non-binary masks at F x the mask dtype's maximum (e.g. 0.5); "
@@ -222,6 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
+    _add_measure_flags(p)
+    _add_max_pixels_flag(p)
+    _add_inference_flags(p)
+
+    p = sub.add_parser("measure", help="lesion size in mm: of predicted outlines, or of masks you have",
+                       description="Per lesion and per scan: area, longest diameter, the diameter perpendicular "
+                                   "to it, thickness along the image rows, depth below the skin line, perimeter, "
+                                   "circularity and echogenicity (hemaseg.measure.morphometry), in mm where the "
+                                   "scan is calibrated (DICOM ultrasound regions or pixel spacing, else "
+                                   "--pixel-spacing) and in pixels otherwise, with the calibration's source. "
+                                   "`measure RUN INPUT...` segments first (the outputs of predict); `measure "
+                                   "--masks DIR INPUT...` measures masks DIR/NAME.png or DIR/NAME_mask.png.")
+    p.add_argument("items", nargs="+", metavar="RUN|INPUT",
+                   help="RUN (run folder, checkpoint or 'ultrasound') then image files or folders; with "
+                        "--masks only image files or folders")
+    p.add_argument("--masks", metavar="DIR", help="measure these masks instead of segmenting")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
+    _add_measure_flags(p)
     _add_max_pixels_flag(p)
     _add_inference_flags(p)
 
@@ -435,13 +486,36 @@ def cmd_predict(args) -> int:
     predictor = _load(args)
     result = predict_files(predictor, files, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
                            progress=not args.quiet, fail_fast=args.fail_fast,
-                           max_pixels=args.max_pixels or DataConfig.max_pixels)
+                           max_pixels=args.max_pixels or DataConfig.max_pixels,
+                           pixel_spacing=args.pixel_spacing, frame=args.frame)
     found = sum(r["n_lesions"] > 0 for r in result.rows)
     print(f"segmented {len(result.rows)} image(s), {found} with a lesion (backend {predictor.backend}); masks, "
-          f"overlays and predictions.csv in {args.out}")
+          f"overlays, predictions.csv and lesions.csv in {args.out}")
     if result.errors:
         print(f"{len(result.errors)} image(s) could not be read and were skipped: {Path(args.out) / 'errors.csv'}",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from hemaseg.config import DataConfig
+
+    if args.masks is None:
+        if len(args.items) < 2:
+            raise ValueError("measure: give RUN then the scans (or --masks DIR and the scans)")
+        args.run, args.inputs, args.save_prob, args.batch_size = args.items[0], args.items[1:], False, 8
+        return cmd_predict(args)
+    from hemaseg.measure.files import measure_files
+
+    result = measure_files(args.items, args.masks, args.out, args.pixel_spacing, args.frame, args.fail_fast,
+                           args.mask_threshold, args.max_pixels or DataConfig.max_pixels)
+    mm = sum(r["spacing_source"] is not None for r in result.rows)
+    print(f"measured {len(result.rows)} scan(s) ({mm} in mm, {len(result.rows) - mm} in pixels), "
+          f"{len(result.lesions)} lesion(s): measurements.csv and lesions.csv in {args.out}")
+    if result.errors:
+        print(f"{len(result.errors)} scan(s) could not be measured and were skipped: "
+              f"{Path(args.out) / 'errors.csv'}", file=sys.stderr)
         return 1
     return 0
 
@@ -529,7 +603,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "mix": cmd_mix, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
+            "predict": cmd_predict, "measure": cmd_measure, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
             "export": cmd_export, "serve": cmd_serve}
 
 

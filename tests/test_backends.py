@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hemaseg
-from hemaseg.config import BACKENDS, ModelConfig
+from hemaseg.config import ModelConfig
 from hemaseg.device import bf16_supported
 from hemaseg.inference.backends import PARITY_ATOL, auto_candidates, choose_backend, make_backend
 from hemaseg.models.fusion import randomize_batchnorm

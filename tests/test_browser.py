@@ -101,12 +101,12 @@ def test_page_segments_a_scan_by_keyboard_and_shows_the_api_numbers(browser, ser
     page.goto(server + "/")
     page.wait_for_function("document.getElementById('model-line').textContent.startsWith('Model')")
 
-    # focus order, keyboard only: file chooser, threshold, mask toggle, access key
+    # focus order, keyboard only: file chooser, threshold, mask toggle, pixel spacing, access key
     order = []
-    for _ in range(4):
+    for _ in range(5):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.id"))
-    assert order == ["file", "threshold", "show-mask", "api-key"]
+    assert order == ["file", "threshold", "show-mask", "pixel-spacing", "api-key"]
 
     page.set_input_files("#file", str(scan_file))
     page.wait_for_selector('#result[data-state="done"]')
@@ -125,6 +125,14 @@ def test_page_segments_a_scan_by_keyboard_and_shows_the_api_numbers(browser, ser
                            "return r.dataset.state === 'done' && r.dataset.requestId !== id; }", arg=first_id)
     assert page.input_value("#threshold") == "0.45"
     assert int(page.get_attribute("#area-px", "data-value")) == api_area(server, scan_file, "0.45")
+
+    # a pixel spacing typed in: the page asks again, and the reply's calibration is shown with its source
+    second_id = page.get_attribute("#result", "data-request-id")
+    page.fill("#pixel-spacing", "0.1,0.12")
+    page.keyboard.press("Tab")  # change fires when the field is left
+    page.wait_for_function("id => { const r = document.getElementById('result'); "
+                           "return r.dataset.state === 'done' && r.dataset.requestId !== id; }", arg=second_id)
+    assert "pixel_spacing parameter" in page.inner_text("#calibration")
 
     page.focus("#show-mask")
     page.keyboard.press("Space")

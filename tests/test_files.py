@@ -67,7 +67,7 @@ def test_a_failed_write_leaves_no_half_outputs_and_the_csv_lists_what_was_writte
     with pytest.raises(OSError, match="No space"):
         predict_files(hemaseg.load_model(tiny_run), [src], tmp_path / "out", progress=False)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["a_mask.png", "a_overlay.png", "predictions.csv"]
+    assert names == ["a_mask.png", "a_overlay.png", "lesions.csv", "predictions.csv"]
     assert [r["image"] for r in _rows(tmp_path / "out" / "predictions.csv")] == [str(src / "a.png")]
 
 

@@ -1,5 +1,8 @@
 """The one decoder: a scan file, uploaded bytes or an array -> float32 gray HxW in [0, 1].
 
+PNG, JPEG, BMP and TIFF decode through PIL; DICOM (recognised by its Part-10 preamble, whatever the
+file is called) through `data.dicom`, which also keeps the file's calibration for measurements.
+
 `hemaseg check/train/evaluate/predict` read files through `read_image`, the service reads uploads through
 `decode_image`, and the Python API converts arrays through `to_gray`; all three end in `to_gray`, so a scan
 gets the same numbers however it arrives. Every failure is a `DataError` naming the source, with a `code`
@@ -14,17 +17,21 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hemaseg.config import DataConfig
 
+if TYPE_CHECKING:
+    from hemaseg.data.dicom import DicomScan
+
 log = logging.getLogger(__name__)
 
 MAX_PIXELS_DEFAULT = DataConfig.max_pixels  # decompression-bomb guard: 50 MP is far beyond ultrasound
 MAX_PIXELS_FLAG = "--max-pixels"  # every command that reads images has it; errors name it
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # decoders PIL may try, chosen by the content's magic bytes
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _VIA_RGB = ("P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr")
@@ -48,8 +55,9 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Decoded:
     gray: np.ndarray  # float32 HxW in [0, 1]
-    format: str  # PNG, JPEG, BMP or TIFF
-    mode: str  # the PIL mode it was stored in
+    format: str  # PNG, JPEG, BMP, TIFF or DICOM
+    mode: str  # the PIL mode it was stored in (DICOM: its photometric interpretation)
+    dicom: "DicomScan | None" = None  # a DICOM file's frames and calibration facts (data.dicom)
 
 
 def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS_DEFAULT,
@@ -75,8 +83,8 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_P
         head = source[:8] if isinstance(source, bytes) else _head(source)
         if head.startswith(_SIGNATURES):  # the right kind of file, but too broken for PIL to open
             raise DataError(where, "cannot read image: the file is damaged or incomplete", "corrupt") from None
-        raise DataError(where, "cannot read image: not a PNG, JPEG, BMP or TIFF (recognised by its content, "
-                               "not its name)", "unsupported_type") from None
+        raise DataError(where, "cannot read image: not a PNG, JPEG, BMP, TIFF or DICOM (recognised by its "
+                               "content, not its name)", "unsupported_type") from None
     except OSError as e:
         raise DataError(where, f"cannot read image: {e.strerror or e}", "unreadable") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for malformed headers
@@ -94,10 +102,10 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_P
     return im
 
 
-def _head(path: str | os.PathLike) -> bytes:
+def _head(path: str | os.PathLike, n: int = 8) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(8)
+            return f.read(n)
     except OSError:
         return b""
 
@@ -154,9 +162,16 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS_DEFAULT,
-                 name: str | os.PathLike | None = None) -> Decoded:
-    """A file or bytes -> Decoded(gray, format, mode); DataError naming `name` (or the path) if not."""
+                 name: str | os.PathLike | None = None, frame: int = 0) -> Decoded:
+    """A file or bytes -> Decoded(gray, format, mode[, dicom]); DataError naming `name` (or the path) if
+    not. `frame` picks the frame of a multi-frame DICOM (cine) file; other formats have one."""
     where = name if name is not None else ("upload" if isinstance(source, bytes) else source)
+    head = source[:_DICOM_HEAD] if isinstance(source, bytes) else _head(source, _DICOM_HEAD)
+    if is_dicom(head):
+        from hemaseg.data.dicom import read_dicom
+
+        scan = read_dicom(source, frame, max_pixels, name)
+        return Decoded(scan.gray, "DICOM", scan.photometric, scan)
     with open_image(source, max_pixels, name) as im:
         try:
             gray = pil_to_gray(im, where)
@@ -167,6 +182,15 @@ def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX
         if gray.size and not np.isfinite(gray).all():
             raise DataError(where, "the image holds NaN or infinite pixel values", "corrupt")
         return Decoded(gray, str(im.format), im.mode)
+
+
+_DICOM_HEAD = 132  # a DICOM Part-10 file: 128-byte preamble, then b"DICM"
+
+
+def is_dicom(head: bytes) -> bool:
+    """True when `head` (a file's first 132+ bytes) has b"DICM" after the 128-byte Part-10 preamble.
+    Checked here so PNG-only work never imports pydicom."""
+    return len(head) >= _DICOM_HEAD and head[_DICOM_HEAD - 4:_DICOM_HEAD] == b"DICM"
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> np.ndarray:

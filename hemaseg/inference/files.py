@@ -9,8 +9,6 @@ were written, and is written (with `errors.csv`) even when the run is interrupte
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -20,15 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from hemaseg.data.dataset import natural_key
-from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, read_image
+from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, Decoded, decode_image
 from hemaseg.evaluation.report import overlay_contours
 from hemaseg.inference.predictor import Predictor
-from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes
+from hemaseg.io import atomic_write_bytes, png_bytes, write_csv
+from hemaseg.measure.calibration import Spacing
+from hemaseg.measure.scan import IMAGE_COLUMNS, LESION_COLUMNS, measure_scan
 
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("image", "width", "height", "lesion_area_px", "lesion_fraction", "n_lesions", "max_prob",
-                      "confidence", "needs_review", "finding")
+                      "confidence", "needs_review", "finding", "frame") + tuple(c for c in IMAGE_COLUMNS
+                                                                              if c != "n_lesions")
 ERROR_COLUMNS = ("image", "code", "problem")
 
 
@@ -59,15 +60,24 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 class PredictResult:
     rows: list[dict] = field(default_factory=list)  # one per scan segmented, as in predictions.csv
     errors: list[dict] = field(default_factory=list)  # one per scan that failed, as in errors.csv
+    lesions: list[dict] = field(default_factory=list)  # one per measured lesion, as in lesions.csv
     out_dir: Path | None = None
 
 
-def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+def read_frames(path: Path, frame: int | None, max_pixels: int | None) -> list[tuple[str, int | None, Decoded]]:
+    """(output name, frame index, Decoded) for one input: its one image, the asked-for frame of a DICOM
+    cine, or (`frame` None) every frame as NAME_frameNNN."""
+    if frame is not None:
+        decoded = decode_image(path, max_pixels, frame=frame)
+        return [(path.stem, decoded.dicom.frame_index if decoded.dicom else None, decoded)]
+    decoded = decode_image(path, max_pixels, frame=0)
+    if decoded.dicom is None or decoded.dicom.n_frames == 1:
+        return [(path.stem, 0 if decoded.dicom else None, decoded)]
+    from hemaseg.data.dicom import read_dicom
+
+    scan = read_dicom(path, None, max_pixels)
+    return [(f"{path.stem}_frame{i:03d}", i, Decoded(scan.frames[i], "DICOM", scan.photometric, scan))
+            for i in range(scan.n_frames)]
 
 
 def _write_outputs(files: dict[Path, bytes]) -> None:
@@ -86,9 +96,12 @@ def _write_outputs(files: dict[Path, bytes]) -> None:
 def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   save_prob: bool = False, threshold: float | None = None, batch_size: int = 8,
                   progress: bool = True, fail_fast: bool = False,
-                  max_pixels: int | None = MAX_PIXELS_DEFAULT) -> PredictResult:
+                  max_pixels: int | None = MAX_PIXELS_DEFAULT, pixel_spacing: Spacing | None = None,
+                  frame: int | None = 0) -> PredictResult:
     """Write `<stem>_mask.png`, `<stem>_overlay.png` (and `<stem>_prob.png`) per image at its original
-    size, `predictions.csv` with per-image lesion measurements and, when any scan failed, `errors.csv`.
+    size, `predictions.csv` with per-image figures (in mm where the scan is calibrated: see
+    `measure.scan`), `lesions.csv` with each lesion's measurements and, when any scan failed, `errors.csv`.
+    `frame` picks a DICOM cine's frame; None segments every frame (outputs NAME_frameNNN_*).
 
     A scan that cannot be read is recorded and skipped (`fail_fast` raises its DataError instead). OS
     errors while writing (a full disk) stop the run: they would fail every later scan too."""
@@ -103,37 +116,41 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
     try:
         for start in range(0, len(files), batch_size):
-            chunk, images = [], []
+            chunk = []  # (path, output name, frame, Decoded)
             for path in files[start:start + batch_size]:
                 try:
-                    images.append(read_image(path, max_pixels))
-                    chunk.append(path)
+                    chunk += [(path, *item) for item in read_frames(path, frame, max_pixels)]
                 except DataError as e:
                     if fail_fast:
                         raise
                     log.warning("skipped: %s", e)
                     result.errors.append({"image": str(path), "code": e.code, "problem": e.problem})
-            for path, image, prob in zip(chunk, images, predictor.predict_proba_batch(images, batch_size)):
+            probs = predictor.predict_proba_batch([d.gray for *_, d in chunk], batch_size)
+            for (path, name, index, decoded), prob in zip(chunk, probs):
+                image = decoded.gray
                 pred = predictor.prediction(prob, threshold)
-                outputs = {out / f"{path.stem}_mask.png": png_bytes(pred.mask.astype(np.uint8) * 255),
-                           out / f"{path.stem}_overlay.png": png_bytes(overlay_contours(image, pred=pred.mask))}
+                measured = measure_scan(decoded, pred.mask, pixel_spacing)
+                outputs = {out / f"{name}_mask.png": png_bytes(pred.mask.astype(np.uint8) * 255),
+                           out / f"{name}_overlay.png": png_bytes(overlay_contours(image, pred=pred.mask))}
                 if save_prob:
-                    outputs[out / f"{path.stem}_prob.png"] = png_bytes(np.round(prob * 255).astype(np.uint8))
+                    outputs[out / f"{name}_prob.png"] = png_bytes(np.round(prob * 255).astype(np.uint8))
                 _write_outputs(outputs)
                 result.rows.append({
-                    "image": str(path), "width": image.shape[1], "height": image.shape[0],
+                    "image": str(path), "frame": index, "width": image.shape[1], "height": image.shape[0],
                     "lesion_area_px": pred.area_px, "lesion_fraction": round(pred.area_px / image.size, 6),
-                    "n_lesions": pred.n_lesions, "max_prob": round(float(prob.max()), 4),
-                    "confidence": round(pred.confidence, 4),
+                    "max_prob": round(float(prob.max()), 4), "confidence": round(pred.confidence, 4),
                     "needs_review": predictor.needs_review(pred.confidence), "finding": predictor.finding(pred),
+                    **measured.image_row(),
                 })
+                result.lesions += measured.lesion_rows(str(path), index)
             bar.update(len(files[start:start + batch_size]))
     finally:
         bar.close()
         # what was done is recorded even when the run stops early (an OS error, Ctrl-C, --fail-fast)
-        _write_csv(out / "predictions.csv", result.rows, PREDICTION_COLUMNS)
+        write_csv(out / "predictions.csv", result.rows, PREDICTION_COLUMNS)
+        write_csv(out / "lesions.csv", result.lesions, LESION_COLUMNS)
         if result.errors:
-            _write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
+            write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
         elif (out / "errors.csv").is_file():
             (out / "errors.csv").unlink()  # a rerun that succeeded leaves no stale error list
     return result

@@ -44,7 +44,9 @@ from hemaseg.data.images import DataError, Decoded, decode_image
 from hemaseg.evaluation.report import overlay_contours
 from hemaseg.inference.predictor import Predictor, load_model
 from hemaseg.io import atomic_write_bytes, json_safe, png_bytes
+from hemaseg.measure.calibration import Spacing, parse_pixel_spacing
 from hemaseg.measure.lesions import find_lesions
+from hemaseg.measure.scan import measure_scan
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +143,9 @@ class LesionReply(BaseModel):
 class ImageReply(BaseModel):
     width: int
     height: int
-    format: str = Field(description="PNG, JPEG, BMP or TIFF, as detected from the file's content")
-    mode: str = Field(description="PIL mode of the file; colour, palette and CMYK are converted to gray")
+    format: str = Field(description="PNG, JPEG, BMP, TIFF or DICOM, as detected from the file's content")
+    mode: str = Field(description="PIL mode of the file (DICOM: its photometric interpretation); colour, "
+                                  "palette and CMYK are converted to gray")
     bytes: int
 
 
@@ -161,6 +164,11 @@ class SegmentReply(BaseModel):
     needs_review: bool = Field(description="confidence at or below the run's review threshold")
     finding: str = Field(description="'lesion found' or 'no lesion found', with ' - review' when flagged")
     max_prob: float
+    measurements: dict[str, Any] = Field(
+        description="per scan and per lesion: area, longest and perpendicular diameter, thickness, depth below "
+                    "the skin line, perimeter, circularity, echogenicity; in mm when the scan is calibrated "
+                    "(DICOM ultrasound regions or pixel spacing, else the pixel_spacing parameter), with "
+                    "`spacing.source`, else in pixels with `calibration_note` saying why")
     latency_ms: float = Field(description="time in the service from receiving the upload to the reply")
     mask_png: str = Field(description="base64 PNG, 0/255, at the image's size")
     overlay_png: str = Field(description="base64 PNG: the scan in gray with the predicted outline in yellow")
@@ -197,7 +205,7 @@ _UPLOAD_BODY = {
         "content": {"multipart/form-data": {
             "schema": {"type": "object", "required": ["file"],
                        "properties": {"file": {"type": "string", "format": "binary",
-                                               "description": "a PNG, JPEG, BMP or TIFF scan"}}},
+                                               "description": "a PNG, JPEG, BMP, TIFF or DICOM scan"}}},
         }},
     }
 }
@@ -211,12 +219,12 @@ _API_CODE = {"empty": "empty_file", "corrupt": "corrupt_image", "unreadable": "c
              "too_large": "image_too_large"}
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Decoded:
+def decode_upload(data: bytes, max_pixels: int, frame: int = 0) -> Decoded:
     """Image bytes -> Decoded(gray float32 HxW in [0, 1], format, mode) through the one decoder
     (`data.images.decode_image`: format recognised from the content, pixel count checked from the header
     before decoding), or an ApiError saying why not."""
     try:
-        return decode_image(data, max_pixels, name="upload")
+        return decode_image(data, max_pixels, name="upload", frame=frame)
     except DataError as e:
         code = _API_CODE.get(e.code, e.code)
         raise ApiError(_STATUS_OF.get(e.code, 422), code, e.problem[:1].upper() + e.problem[1:] + ".") from None
@@ -316,12 +324,13 @@ class Service:
                 self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool, self.batcher = None, None
 
-    def segment(self, data: bytes, threshold: float, fmt: str, request_id: str, t_start: float) -> tuple[Any, dict]:
+    def segment(self, data: bytes, threshold: float, fmt: str, request_id: str, t_start: float,
+                pixel_spacing: Spacing | None = None, frame: int = 0) -> tuple[Any, dict]:
         """Bytes -> (reply body: dict for JSON or PNG bytes, numbers for the log line); runs in a pool thread."""
         s = self.settings
         decoded = None
         try:
-            decoded = decode_upload(data, s.max_pixels)
+            decoded = decode_upload(data, s.max_pixels, frame)
         finally:
             if s.keep_uploads is not None:
                 # named by an id made here, never by anything the client sent: no client can overwrite
@@ -369,6 +378,7 @@ class Service:
             "needs_review": self.predictor.needs_review(pred.confidence),
             "finding": self.predictor.finding(pred),
             "max_prob": round(float(prob.max()), 4),
+            "measurements": json_safe(measure_scan(decoded, mask, pixel_spacing).to_dict()),
             "latency_ms": 0.0,  # filled in on the way out
             "mask_png": base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode(),
             "overlay_png": base64.b64encode(overlay).decode(),
@@ -548,18 +558,27 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
                                                 "overlay: the scan with the outline drawn"),
         threshold: float | None = Query(None, gt=0, lt=1, description="probability threshold (default: the "
                                                                        "model's)"),
+        pixel_spacing: str | None = Query(None, max_length=64, description="mm per pixel, 'MM' or 'X,Y', for "
+                                          "scans without their own calibration (a DICOM file's wins)"),
+        frame: int = Query(0, ge=0, le=100_000, description="frame of a multi-frame (cine) DICOM, from 0"),
     ) -> Response:
-        """Upload a PNG, JPEG, BMP or TIFF scan as multipart field `file`; the mask is at the scan's size."""
+        """Upload a PNG, JPEG, BMP, TIFF or DICOM scan as multipart field `file`; the mask is at the scan's size."""
         t_start = time.perf_counter()
         request_id = request.state.request_id
         if service.pending >= settings.max_pending:
             raise ApiError(503, "busy", "The service is busy; try again in a moment.", headers={"Retry-After": "1"})
         service.pending += 1  # only touched on the event loop, so no lock
         try:
+            spacing = None
+            if pixel_spacing is not None:
+                try:
+                    spacing = parse_pixel_spacing(pixel_spacing, "pixel_spacing parameter")
+                except ValueError as e:
+                    raise ApiError(422, "invalid_pixel_spacing", str(e)[:1].upper() + str(e)[1:] + ".") from None
             data = await _read_upload(request, settings.max_upload_bytes)
             thr = predictor.threshold if threshold is None else threshold
             body, numbers = await asyncio.get_running_loop().run_in_executor(
-                service.start(), service.segment, data, thr, fmt, request_id, t_start)
+                service.start(), service.segment, data, thr, fmt, request_id, t_start, spacing, frame)
         finally:
             service.pending -= 1
         latency_ms = (time.perf_counter() - t_start) * 1000

@@ -114,12 +114,29 @@ function draw() {
   $("drop-zone").classList.add("has-image");
 }
 
+// millimetres only when the scan (or the pixel-spacing field) gave a calibration; else pixels, and why
+function showSize(m) {
+  const sp = m.spacing;
+  const mm = (v) => (v === null ? "–" : v.toFixed(1));
+  if (m.n_lesions === 0) {
+    $("size").textContent = "–";
+  } else if (sp) {
+    $("size").textContent = `${mm(m.longest_diameter_mm)} × ${mm(m.perpendicular_diameter_mm)} mm, ` +
+      `area ${mm(m.total_area_mm2)} mm²`;
+  } else {
+    $("size").textContent = `${Math.round(m.longest_diameter_px)} × ${Math.round(m.perpendicular_diameter_px)} px`;
+  }
+  $("size").dataset.mm = sp ? String(m.longest_diameter_mm) : "";
+  $("calibration").textContent = sp ? `(calibration: ${sp.source})` : (m.calibration_note ? `(${m.calibration_note})` : "");
+}
+
 function showResult(r) {
   const pct = (100 * r.area_fraction).toFixed(r.area_fraction < 0.001 && r.area_fraction > 0 ? 3 : 1);
   $("area-px").textContent = r.area_px.toLocaleString("en") + " px";
   $("area-px").dataset.value = String(r.area_px);
   $("area-pct").textContent = `(${pct} % of image)`;
   $("n-lesions").textContent = r.n_lesions === 0 ? "none found" : String(r.n_lesions);
+  showSize(r.measurements);
   // an empty mask is a finding too: with weak evidence it says "no lesion found - review", never "100 %"
   $("confidence").textContent = `${r.finding} (confidence ${Math.round(100 * r.confidence)} %)`;
   $("confidence").classList.toggle("review", r.needs_review);
@@ -145,7 +162,10 @@ async function segment() {
   const threshold = Number($("threshold").value).toFixed(2);
   let response;
   try {
-    response = await fetch(`/v1/segment?threshold=${threshold}`, { method: "POST", body: form, headers: headers() });
+    const query = new URLSearchParams({ threshold });
+    const spacing = $("pixel-spacing").value.trim();
+    if (spacing) query.set("pixel_spacing", spacing);
+    response = await fetch(`/v1/segment?${query}`, { method: "POST", body: form, headers: headers() });
   } catch (_) {
     if (seq !== state.seq) return;
     $("status").textContent = "";
@@ -198,6 +218,7 @@ function init() {
     state.timer = setTimeout(segment, 300);  // arrow keys and dragging settle before re-requesting
   });
   $("show-mask").addEventListener("change", draw);
+  $("pixel-spacing").addEventListener("change", () => { if (state.file) segment(); });
   $("api-key").addEventListener("change", () => { loadModel(); if (state.file) segment(); });
   loadModel();
 }

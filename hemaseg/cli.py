@@ -79,6 +79,22 @@ def _add_measure_flags(p: argparse.ArgumentParser) -> None:
                         "NAME_frameNNN_*; default 0)")
 
 
+def _add_dicom_out_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dicom-sr", action="store_true",
+                   help="for DICOM scans also write NAME_sr.dcm: a DICOM Structured Report (TID 1500) of each "
+                        "lesion's outline and mm figures, for a PACS; not for scans without mm calibration. It "
+                        "carries the scan's patient and study data")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="for single-frame DICOM scans also write NAME_seg.dcm: a DICOM Segmentation of the mask; "
+                        "not with --masks. It carries the scan's patient and study data")
+
+
+def _model_label(run: str) -> str:
+    """What the DICOM outputs call the model: 'ultrasound', a run folder's name, or folder/file.pt."""
+    p = Path(run)
+    return f"{p.parent.name}/{p.name}" if p.suffix == ".pt" else p.name
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-threshold", type=float, default=None, metavar="F",
                    help="binarise non-binary masks at F x the mask dtype's maximum (e.g. 0.5); "
@@ -254,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
     _add_measure_flags(p)
+    _add_dicom_out_flags(p)
     _add_max_pixels_flag(p)
     _add_inference_flags(p)
 
@@ -273,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
     _add_measure_flags(p)
+    _add_dicom_out_flags(p)
     _add_max_pixels_flag(p)
     _add_inference_flags(p)
 
@@ -487,7 +505,8 @@ def cmd_predict(args) -> int:
     result = predict_files(predictor, files, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
                            progress=not args.quiet, fail_fast=args.fail_fast,
                            max_pixels=args.max_pixels or DataConfig.max_pixels,
-                           pixel_spacing=args.pixel_spacing, frame=args.frame)
+                           pixel_spacing=args.pixel_spacing, frame=args.frame, dicom_sr=args.dicom_sr,
+                           dicom_seg=args.dicom_seg, model_name=_model_label(args.run))
     found = sum(r["n_lesions"] > 0 for r in result.rows)
     print(f"segmented {len(result.rows)} image(s), {found} with a lesion (backend {predictor.backend}); masks, "
           f"overlays, predictions.csv and lesions.csv in {args.out}")
@@ -506,10 +525,13 @@ def cmd_measure(args) -> int:
             raise ValueError("measure: give RUN then the scans (or --masks DIR and the scans)")
         args.run, args.inputs, args.save_prob, args.batch_size = args.items[0], args.items[1:], False, 8
         return cmd_predict(args)
+    if args.dicom_seg:
+        raise ValueError("--dicom-seg is for outlines hemaseg draws (measure RUN ..., predict), not --masks: a "
+                         "DICOM SEG would call your outlines AUTOMATIC; --dicom-sr works with --masks")
     from hemaseg.measure.files import measure_files
 
     result = measure_files(args.items, args.masks, args.out, args.pixel_spacing, args.frame, args.fail_fast,
-                           args.mask_threshold, args.max_pixels or DataConfig.max_pixels)
+                           args.mask_threshold, args.max_pixels or DataConfig.max_pixels, dicom_sr=args.dicom_sr)
     mm = sum(r["spacing_source"] is not None for r in result.rows)
     print(f"measured {len(result.rows)} scan(s) ({mm} in mm, {len(result.rows) - mm} in pixels), "
           f"{len(result.lesions)} lesion(s): measurements.csv and lesions.csv in {args.out}")

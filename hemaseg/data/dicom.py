@@ -274,7 +274,7 @@ def read_dicom(source: str | os.PathLike | bytes, frame: int | None = 0,
     where = name if name is not None else ("upload" if isinstance(source, bytes) else source)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
         raise TypeError(f"frame must be an int or None; got {type(frame).__name__}")
-    with _quiet():
+    with quiet():
         ds = _parse(source, where)
         return _scan(ds, where, None if frame is None else int(frame), max_pixels)
 
@@ -296,11 +296,12 @@ _HUSH = _HushWhileReading()
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # pydicom logs to "pydicom" and to child loggers ("pydicom.pixels...") that do not pass through the
-    # parent's filters, so each gets the (permanent, flag-gated) filter.
-    loggers = ["pydicom", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("pydicom."))]
-    for n in loggers:
+def quiet(packages: tuple[str, ...] = ("pydicom",)) -> Iterator[None]:
+    """Within: these packages' log records (and every warning) are dropped in this thread, because they
+    quote header values. Import the packages first: their child loggers ("pydicom.pixels...") do not pass
+    through the parent's filters, so each existing one gets the (permanent, flag-gated) filter."""
+    loggers = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in packages]
+    for n in [*packages, *loggers]:
         lg = logging.getLogger(n)
         if _HUSH not in lg.filters:
             lg.addFilter(_HUSH)
@@ -353,7 +354,7 @@ def _scan(ds, where: str | os.PathLike, frame: int | None, max_pixels: int | Non
     from pydicom.uid import UID
 
     meta = getattr(ds, "file_meta", None)
-    ts_value = _get(meta, "TransferSyntaxUID") if meta is not None else None
+    ts_value = element_value(meta, "TransferSyntaxUID") if meta is not None else None
     if not ts_value:
         raise DataError(where, "cannot read DICOM: the file meta has no transfer syntax (0002,0010); the "
                                "file is cut short or damaged", "corrupt")
@@ -366,8 +367,8 @@ def _scan(ds, where: str | os.PathLike, frame: int | None, max_pixels: int | Non
     bits_stored = _int_attr(ds, "BitsStored", "(0028,0101)", where)
     spp = _int_attr(ds, "SamplesPerPixel", "(0028,0002)", where)
     signed = _int_attr(ds, "PixelRepresentation", "(0028,0103)", where) == 1
-    photometric = str(_get(ds, "PhotometricInterpretation") or "").strip()
-    n_frames = _n_frames(ds, where)
+    photometric = str(element_value(ds, "PhotometricInterpretation") or "").strip()
+    n_frames = frame_count(ds, where)
     if rows < 1 or cols < 1 or not 1 <= bits_stored <= bits_alloc <= 32:
         raise DataError(where, f"inconsistent image header: {cols}x{rows} pixels, {bits_stored} of "
                                f"{bits_alloc} bits", "corrupt")
@@ -399,12 +400,12 @@ def _scan(ds, where: str | os.PathLike, frame: int | None, max_pixels: int | Non
         transfer_syntax=ts.name,
         regions=_regions(ds, where),
         pixel_spacing=_pixel_spacing(ds, where),
-        burned_in_annotation=_get(ds, "BurnedInAnnotation") != "NO",
+        burned_in_annotation=element_value(ds, "BurnedInAnnotation") != "NO",
         patient_id=_patient_id(ds),
     )
 
 
-def _get(ds, keyword: str):
+def element_value(ds, keyword: str):
     """An element's value, or None when absent or unconvertible (its value never reaches a message)."""
     try:
         return ds.get(keyword)
@@ -413,7 +414,7 @@ def _get(ds, keyword: str):
 
 
 def _int_attr(ds, keyword: str, tag: str, where) -> int:
-    value = _get(ds, keyword)
+    value = element_value(ds, keyword)
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -421,8 +422,8 @@ def _int_attr(ds, keyword: str, tag: str, where) -> int:
         raise DataError(where, problem, "corrupt") from None
 
 
-def _n_frames(ds, where) -> int:
-    value = _get(ds, "NumberOfFrames")
+def frame_count(ds, where) -> int:
+    value = element_value(ds, "NumberOfFrames")
     if value in (None, ""):
         return 1
     try:
@@ -442,7 +443,7 @@ def _no_pixels(ds, meta, where) -> DataError:
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         return DataError(where, "holds float pixel data (parametric maps), not an ultrasound image",
                          "unsupported_type")
-    sop = _get(meta, "MediaStorageSOPClassUID")
+    sop = element_value(meta, "MediaStorageSOPClassUID")
     kind = UID(str(sop)).name if sop else ""
     if kind and "Image" in kind:
         return DataError(where, f"no pixel data (7FE0,0010) in an image object ({kind}): the file is cut "
@@ -556,14 +557,14 @@ def _scale(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
 
 
 def _regions(ds, where) -> tuple[UltrasoundRegion, ...]:
-    seq = _get(ds, "SequenceOfUltrasoundRegions")
+    seq = element_value(ds, "SequenceOfUltrasoundRegions")
     out = []
     for i, item in enumerate(seq or ()):
         missing: list[str] = []
 
         def num(keyword: str, cast: type, default: float, item=item, missing=missing):
             try:
-                return cast(_get(item, keyword))  # NaN or inf deltas are kept: calibrate refuses them
+                return cast(element_value(item, keyword))  # NaN or inf deltas are kept: calibrate refuses them
             except (TypeError, ValueError):
                 missing.append(keyword)
                 return default
@@ -585,7 +586,7 @@ def _regions(ds, where) -> tuple[UltrasoundRegion, ...]:
 
 def _pixel_spacing(ds, where) -> Spacing | None:
     """Pixel Spacing (0028,0030) is [row spacing, column spacing] = [y, x] in mm."""
-    value = _get(ds, "PixelSpacing")
+    value = element_value(ds, "PixelSpacing")
     if value is None or value == "":
         return None
     try:
@@ -598,6 +599,6 @@ def _pixel_spacing(ds, where) -> Spacing | None:
 
 
 def _patient_id(ds) -> str | None:
-    value = _get(ds, "PatientID")
+    value = element_value(ds, "PatientID")
     text = str(value).strip() if value is not None else ""
     return text or None

@@ -97,11 +97,14 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
                   save_prob: bool = False, threshold: float | None = None, batch_size: int = 8,
                   progress: bool = True, fail_fast: bool = False,
                   max_pixels: int | None = MAX_PIXELS_DEFAULT, pixel_spacing: Spacing | None = None,
-                  frame: int | None = 0) -> PredictResult:
+                  frame: int | None = 0, dicom_sr: bool = False, dicom_seg: bool = False,
+                  model_name: str | None = None) -> PredictResult:
     """Write `<stem>_mask.png`, `<stem>_overlay.png` (and `<stem>_prob.png`) per image at its original
     size, `predictions.csv` with per-image figures (in mm where the scan is calibrated: see
     `measure.scan`), `lesions.csv` with each lesion's measurements and, when any scan failed, `errors.csv`.
     `frame` picks a DICOM cine's frame; None segments every frame (outputs NAME_frameNNN_*).
+    `dicom_sr` / `dicom_seg`: for DICOM inputs also NAME_sr.dcm / NAME_seg.dcm (`measure.dicom_out`,
+    `model_name` recorded in them); one that cannot be made (no mm, a cine's SEG) is a logged note.
 
     A scan that cannot be read is recorded and skipped (`fail_fast` raises its DataError instead). OS
     errors while writing (a full disk) stop the run: they would fail every later scan too."""
@@ -113,6 +116,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
         raise NotADirectoryError(f"{out}: --out is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(out_dir=out)
+    noted: set[str] = set()  # DICOM outputs that could not be made, logged once each
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
     try:
         for start in range(0, len(files), batch_size):
@@ -134,6 +138,15 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
                            out / f"{name}_overlay.png": png_bytes(overlay_contours(image, pred=pred.mask))}
                 if save_prob:
                     outputs[out / f"{name}_prob.png"] = png_bytes(np.round(prob * 255).astype(np.uint8))
+                if (dicom_sr or dicom_seg) and decoded.dicom is not None:
+                    from hemaseg.measure.dicom_out import dicom_outputs
+
+                    files_, skipped = dicom_outputs(path, pred.mask, measured, index, out / name, sr=dicom_sr,
+                                                    seg=dicom_seg, model=model_name)
+                    outputs.update(files_)
+                    for why in set(skipped) - noted:  # once per file, not once per frame of a cine
+                        noted.add(why)
+                        log.warning("no DICOM output: %s", why)
                 _write_outputs(outputs)
                 result.rows.append({
                     "image": str(path), "frame": index, "width": image.shape[1], "height": image.shape[0],

@@ -14,7 +14,7 @@ from pathlib import Path
 from hemaseg.data.dataset import read_mask
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError
 from hemaseg.inference.files import ERROR_COLUMNS, PredictResult, collect_inputs, read_frames
-from hemaseg.io import write_csv
+from hemaseg.io import atomic_write_bytes, write_csv
 from hemaseg.measure.calibration import Spacing
 from hemaseg.measure.scan import IMAGE_COLUMNS, LESION_COLUMNS, measure_scan
 
@@ -36,9 +36,10 @@ def find_mask(masks_dir: Path, name: str) -> Path:
 def measure_files(inputs: Sequence[str | os.PathLike], masks_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   pixel_spacing: Spacing | None = None, frame: int | None = 0, fail_fast: bool = False,
                   mask_threshold: float | None = None,
-                  max_pixels: int | None = MAX_PIXELS_DEFAULT) -> PredictResult:
+                  max_pixels: int | None = MAX_PIXELS_DEFAULT, dicom_sr: bool = False) -> PredictResult:
     """Measure each scan's mask from `masks_dir` (NAME.png or NAME_mask.png, NAME = the scan's stem, or
-    NAME_frameNNN for every frame of a cine); write measurements.csv, lesions.csv (and errors.csv)."""
+    NAME_frameNNN for every frame of a cine); write measurements.csv, lesions.csv (and errors.csv).
+    `dicom_sr`: for DICOM scans also NAME_sr.dcm (`measure.dicom_out`; it says the outline was supplied)."""
     files = collect_inputs(inputs)
     masks = Path(masks_dir)
     if not masks.is_dir():
@@ -58,6 +59,15 @@ def measure_files(inputs: Sequence[str | os.PathLike], masks_dir: str | os.PathL
                         (mh, mw), (ih, iw) = mask.shape, decoded.gray.shape
                         raise DataError(mask_path, f"mask size {mw}x{mh} does not match its scan's {iw}x{ih}")
                     measured = measure_scan(decoded, mask, pixel_spacing)
+                    if dicom_sr and decoded.dicom is not None:
+                        from hemaseg.measure.dicom_out import dicom_outputs
+
+                        files_, skipped = dicom_outputs(path, mask, measured, index, out / name, sr=True,
+                                                        seg=False, model=None)
+                        for sr_path, data in files_.items():
+                            atomic_write_bytes(sr_path, data)
+                        for why in skipped:
+                            log.warning("no DICOM output: %s", why)
                     result.rows.append({"image": str(path), "frame": index, "mask": str(mask_path),
                                         "width": mask.shape[1], "height": mask.shape[0], **measured.image_row()})
                     result.lesions += measured.lesion_rows(str(path), index)

@@ -23,6 +23,10 @@ _API = {
     "resolve_config": ("config", "resolve_config"),
     "check_dataset": ("data.dataset", "check_dataset"),
     "write_synthetic_dataset": ("data.synth", "write_synthetic_dataset"),
+    "write_synthetic_series": ("data.series", "write_synthetic_series"),
+    "measure_mask": ("measure.morphometry", "measure_mask"),
+    "track": ("measure.track", "track"),
+    "TrackRules": ("measure.track", "TrackRules"),
 }
 
 __all__ = ["__version__", *_API]

@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="number of scans (default 200)")
     p.add_argument("--size", type=int, default=256, help="scan size in pixels, square (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed; scan i depends only on (seed, i) (default 0)")
+    p.add_argument("--series", action="store_true",
+                   help="write one patient's follow-up for `hemaseg track` instead: 8 visits (weeks 4-40) of a "
+                        "hemangioma that grows, then involutes after treatment starts at week 16, as DICOM files "
+                        "calibrated at 0.08 x 0.1 mm/pixel with their masks, and OUT/visits.csv with the true "
+                        "sizes (--n and --size do not apply)")
 
     p = sub.add_parser("mix", help="combine dataset folders into one, keeping each one's groups",
                        description="Write OUT/images and OUT/mask as links to the scans of every DATA folder (named "
@@ -291,6 +296,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
     _add_measure_flags(p)
     _add_dicom_out_flags(p)
+    _add_max_pixels_flag(p)
+    _add_inference_flags(p)
+
+    p = sub.add_parser("track", help="follow lesions visit after visit: size, volume, growth or involution",
+                       description="Measure every scan of TABLE (CSV: patient, lesion, site, date YYYY-MM-DD or "
+                                   "age_weeks, image; optional plane, mask, pixel_spacing, birth_date, "
+                                   "treatment_start; paths relative to the table) and follow each lesion (patient, "
+                                   "lesion, site) over its visits: longest and perpendicular diameter, thickness, "
+                                   "area, volume (pi/6 L W H, only with a transverse and a longitudinal scan of "
+                                   "the visit), changes since the previous visit, the baseline and the smallest so "
+                                   "far, and a status by the rules below (printed on every page). Writes "
+                                   "OUT/visits.csv, scans.csv, rules.txt, curves/*.png and patients/KEY.html, one "
+                                   "self-contained page per patient. Patients are named by a salted key unless "
+                                   "--raw-patient-id. A row that cannot be used is one line of OUT/errors.csv "
+                                   "naming its CSV line (exit status 1); the others are tracked.")
+    p.add_argument("table", help="the visits table (CSV)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", metavar="RUN",
+                   help="segment the scans whose row has no mask with RUN (run folder, cross-validation folder, "
+                        "checkpoint or 'ultrasound'); without it such rows are errors")
+    p.add_argument("--salt", help="secret for the patient keys (default: HEMASEG_SALT, else OUT/salt.txt, "
+                                  "generated on the first run and reused; share the pages, not salt.txt)")
+    p.add_argument("--raw-patient-id", action="store_true",
+                   help="name patients by their ID in every output instead of a salted key")
+    p.add_argument("--growth-pct", type=float, metavar="P",
+                   help="growth: longest or perpendicular diameter up by >= P %% since the previous visit ... "
+                        "(default 20)")
+    p.add_argument("--growth-mm", type=float, metavar="MM", help="... and by >= MM mm (default 2)")
+    p.add_argument("--involution-pct", type=float, metavar="P",
+                   help="involution: longest diameter down by >= P %% from the reference (default 30) ...")
+    p.add_argument("--volume-ratio", type=float, metavar="R",
+                   help="... or volume < R x the reference volume, at visits with two planes; 0 turns it off "
+                        "(default 0.75)")
+    p.add_argument("--involution-reference", choices=["largest", "previous"],
+                   help="the reference for involution: the largest earlier visit or the previous one "
+                        "(default largest)")
+    p.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
     _add_max_pixels_flag(p)
     _add_inference_flags(p)
 
@@ -398,6 +440,13 @@ RESUME_MAY_CHANGE = ("epochs", "device", "num_workers")  # settings a resume may
 
 
 def cmd_synth(args) -> int:
+    if args.series:
+        from hemaseg.data.series import write_synthetic_series
+
+        table = write_synthetic_series(args.out, seed=args.seed)
+        print(f"wrote a synthetic follow-up (one patient, one lesion, 8 visits) to {args.out}; track it with "
+              f"`hemaseg track {table} --out OUT`")
+        return 0
     from hemaseg.data.synth import write_synthetic_dataset
 
     t = time.perf_counter()
@@ -542,6 +591,31 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_track(args) -> int:
+    from hemaseg.config import DataConfig
+    from hemaseg.measure.track import TrackRules, track
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrackRules) if getattr(args, f.name) is not None}
+    rules = TrackRules(**given)  # a bad value names its flag (ConfigError)
+    if not Path(args.table).is_file():  # before a model loads
+        raise FileNotFoundError(f"{args.table}: no such table (a CSV file)")
+    predictor = _load(args, args.model) if args.model else None
+    salt = args.salt if args.salt is not None else os.environ.get("HEMASEG_SALT") or None
+    result = track(args.table, args.out, predictor=predictor, rules=rules, salt=salt,
+                   raw_patient_id=args.raw_patient_id, mask_threshold=args.mask_threshold,
+                   max_pixels=args.max_pixels or DataConfig.max_pixels)
+    print(f"tracked {len(result.curves)} lesion(s) of {len(result.pages)} patient(s) over {len(result.visits)} "
+          f"visit(s): visits.csv, scans.csv, curves/ and patients/ in {args.out}")
+    print("status rules:")
+    for line in rules.describe():
+        print(f"  {line}")
+    if result.errors:
+        print(f"{len(result.errors)} row(s) could not be tracked and were skipped: {Path(args.out) / 'errors.csv'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_export(args) -> int:
     from hemaseg.inference.export import export_onnx
 
@@ -626,7 +700,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"synth": cmd_synth, "mix": cmd_mix, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
             "predict": cmd_predict, "measure": cmd_measure, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
-            "export": cmd_export, "serve": cmd_serve}
+            "export": cmd_export, "serve": cmd_serve, "track": cmd_track}
 
 
 def _os_error(e: BaseException) -> OSError | None:

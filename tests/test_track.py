@@ -1,10 +1,12 @@
 """`track`: one lesion followed visit after visit on the synthetic series (known diameters at a known
 anisotropic DICOM calibration), its statuses under default and custom rules, volumes only from two
-orthogonal planes, bad rows named by their CSV line, pixels never compared, and no patient ID in any output."""
+orthogonal planes, bad rows named by their CSV line, pixels never compared, and no patient ID in any
+output."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +24,7 @@ from hemaseg.measure.track import SALT_FILE, VISIT_COLUMNS, TrackRules, patient_
 RAW_ID = "HEM-2024-0042"  # write_synthetic_series' default patient, also the DICOM files' Patient ID
 SPACING = (0.08, 0.1)
 PX = max(SPACING)  # "one pixel's size": the larger pixel side, as in test_morphometry
-DEFAULT_STATUSES = ["baseline", "growth", "growth", "stable", "stable", "involution", "involution", "involution"]
+DEFAULT_STATUSES = ["baseline", "growth", "growth", "stable", "stable", *["involution"] * 3]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,8 @@ def _all_output_bytes(out: Path) -> dict[Path, bytes]:
 
 def test_the_synthetic_series_is_calibrated_dicom_with_masks_and_is_deterministic(series, tmp_path):
     rows = _table(series)
-    assert len({r["date"] for r in rows}) == 8 and {r["plane"] for r in rows} == {"transverse", "longitudinal"}
+    assert len({r["date"] for r in rows}) == 8
+    assert {r["plane"] for r in rows} == {"transverse", "longitudinal"}
     d = decode_image(series.parent / rows[0]["image"])
     assert d.format == "DICOM" and d.dicom.photometric == "MONOCHROME2" and d.gray.shape == (192, 224)
     spacing, note = d.dicom.spacing_for(None)
@@ -96,7 +99,7 @@ def test_the_synthetic_series_is_calibrated_dicom_with_masks_and_is_deterministi
 
 
 def test_track_finds_the_known_sizes_growth_then_involution(series, tracked):
-    result, out = tracked
+    result, _ = tracked
     assert result.errors == []
     visits, truth = result.visits, _truth(series)
     assert [str(v["date"]) for v in visits] == [t["date"] for t in truth]
@@ -114,11 +117,12 @@ def test_track_finds_the_known_sizes_growth_then_involution(series, tracked):
     assert visits[0]["age_weeks"] == 4.0 and visits[-1]["age_weeks"] == 40.0  # from date and birth_date
     # changes since the previous visit, the baseline and the smallest so far, absolute and %
     week8 = visits[1]
-    assert week8["longest_change_previous_mm"] == pytest.approx(t8 := truth[1]["longest"] - truth[0]["longest"],
-                                                                abs=2 * PX)
+    t8 = truth[1]["longest"] - truth[0]["longest"]
+    assert week8["longest_change_previous_mm"] == pytest.approx(t8, abs=2 * PX)
     assert week8["longest_change_previous_pct"] == pytest.approx(100 * t8 / truth[0]["longest"], abs=3)
     last = visits[-1]
-    assert last["longest_change_baseline_mm"] == pytest.approx(truth[-1]["longest"] - truth[0]["longest"], abs=2 * PX)
+    baseline = truth[0]["longest"]
+    assert last["longest_change_baseline_mm"] == pytest.approx(truth[-1]["longest"] - baseline, abs=2 * PX)
     smallest = min(t["longest"] for t in truth[:-1])  # week 4's 6.0 mm: smaller than week 32's 6.6
     assert last["longest_change_smallest_mm"] == pytest.approx(truth[-1]["longest"] - smallest, abs=2 * PX)
     assert last["volume_change_previous_pct"] < 0 and "from its largest" in last["status_reason"]
@@ -183,7 +187,8 @@ def test_custom_rules_change_the_statuses_and_bad_rules_name_their_field(series,
     assert "at least 50 %" in (tmp_path / "strict" / "rules.txt").read_text()
     assert "the volume rule is off" in result.pages[0].read_text()
     loose = track(series, tmp_path / "loose", rules=TrackRules(growth_mm=0.5, growth_pct=5))
-    assert [v["status"] for v in loose.visits][:4] == ["baseline", "growth", "growth", "growth"]  # +9 %, +1 mm
+    # week 16's +9 %, +1.0 mm is growth at 5 % and 0.5 mm
+    assert [v["status"] for v in loose.visits][:4] == ["baseline", "growth", "growth", "growth"]
 
     for kwargs, key in (({"growth_pct": -1}, "growth_pct"), ({"involution_pct": 100}, "involution_pct"),
                         ({"volume_ratio": 1.5}, "volume_ratio"), ({"involution_reference": "first"},
@@ -224,7 +229,6 @@ def test_bad_rows_are_named_by_their_csv_line_and_the_rest_are_tracked(series, t
     rows[9] = dict(rows[9], mask="")  # line 11: no mask and no model
     rows.append(dict(rows[0]))  # line 17: the same lesion, visit and plane as line 2
     table = _write_table(tmp_path / "bad.csv", rows, series.parent)
-    (series.parent / "gone.dcm").unlink(missing_ok=True)
     result = track(table, tmp_path / "out")
     lines = {e["line"]: e["problem"] for e in result.errors}
     assert sorted(lines) == [4, 7, 9, 11, 17]
@@ -303,8 +307,9 @@ def test_an_uncalibrated_png_visit_is_not_measurable_in_mm_and_never_a_reference
                          columns=(*SERIES_COLUMNS, "pixel_spacing"))
     typed_result = track(table, tmp_path / "typed")
     by_age = {v["age_weeks"]: v for v in typed_result.visits}
-    assert by_age[10.0]["status"] == "stable" and by_age[10.0]["spacing_source"].endswith("pixel_spacing column")
-    same = [s["longest_diameter_mm"] for s in typed_result.scans if s["line"] in (4, 6)]  # week 8 and 10, transverse
+    assert by_age[10.0]["status"] == "stable"
+    assert by_age[10.0]["spacing_source"].endswith("pixel_spacing column")
+    same = [s["longest_diameter_mm"] for s in typed_result.scans if s["line"] in (4, 6)]  # weeks 8, 10
     assert len(same) == 2 and math.isclose(*same, abs_tol=1e-9)
 
 
@@ -317,9 +322,52 @@ def test_cli_track_and_synth_series(tmp_path):
     commands = build_parser()._subparsers._group_actions[0].choices
     if "track" not in commands:
         pytest.skip("`hemaseg track` is not wired into the CLI yet")
+    helps = {a.dest: a.help or "" for a in commands["track"]._actions}
+    for f in dataclasses.fields(TrackRules):  # --help states the defaults the rules really have
+        shown = f"{f.default:g}" if isinstance(f.default, float) else f.default
+        assert f"(default {shown})" in helps[f.name], f.name
     assert main(["-q", "synth", str(tmp_path / "s"), "--series", "--seed", "1"]) == 0
     assert main(["-q", "track", str(tmp_path / "s" / "visits.csv"), "--out", str(tmp_path / "t"),
                  "--growth-pct", "25"]) == 0
     assert "at least 25 %" in (tmp_path / "t" / "rules.txt").read_text()
     assert main(["-q", "track", str(tmp_path / "s" / "visits.csv"), "--out", str(tmp_path / "t"),
                  "--involution-pct", "120"]) == 2
+
+
+# ------------------------------------------------------------------------------- masks, dates, patients
+
+
+def test_the_largest_lesion_is_tracked_an_empty_mask_says_so_and_dates_need_no_birth_date(series, tmp_path):
+    rows = [dict(r, birth_date="") for r in _table(series)]
+    two = read_mask(series.parent / rows[0]["mask"]).copy()  # week 4, transverse: add a small second blob
+    two[2:6, 2:6] = True
+    Image.fromarray(two.astype(np.uint8) * 255).save(tmp_path / "two.png")
+    Image.fromarray(np.zeros_like(two, np.uint8)).save(tmp_path / "empty.png")
+    rows[0] = dict(rows[0], mask=str(tmp_path / "two.png"))
+    week40 = [i for i, r in enumerate(rows) if r["date"] == max(r["date"] for r in rows)]
+    for i in week40:
+        rows[i] = dict(rows[i], mask=str(tmp_path / "empty.png"))
+    result = track(_write_table(tmp_path / "t.csv", rows, series.parent), tmp_path / "out")
+    first, last = result.visits[0], result.visits[-1]
+    assert "the mask holds 2 lesions: the largest is the one tracked" in first["warnings"]
+    scan = next(s for s in result.scans if s["line"] == 2)
+    assert scan["n_lesions"] == 2 and abs(scan["longest_diameter_mm"] - 4.6) <= PX  # not the speck
+    assert last["status"] == "no lesion in the mask" and last["longest_diameter_mm"] is None
+    assert all(v["age_weeks"] is None for v in result.visits)  # no birth date: the curve is against dates
+    assert [v["status"] for v in result.visits][:-1] == DEFAULT_STATUSES[:-1]
+    page = result.pages[0].read_text()
+    assert "Treatment start not marked" not in page and "2024-02-05" in page  # the date, not a week
+
+
+def test_each_patient_gets_a_page_and_a_patient_dropped_from_the_table_loses_it(series, tmp_path):
+    rows = _table(series)
+    other = [dict(r, patient="HEM-2024-0099", lesion="2", site="scalp") for r in rows]
+    both = _write_table(tmp_path / "both.csv", rows + other, series.parent)
+    result = track(both, tmp_path / "out", salt="s")
+    assert len(result.pages) == 2 and len(result.curves) == 2 and len(result.visits) == 16
+    keys = {patient_key(RAW_ID, "s"), patient_key("HEM-2024-0099", "s")}
+    assert {v["patient_key"] for v in result.visits} == keys
+    dropped = next(p for p in result.pages if p.stem == patient_key("HEM-2024-0099", "s"))
+    again = track(_write_table(tmp_path / "one.csv", rows, series.parent), tmp_path / "out", salt="s")
+    assert len(again.pages) == 1 and not dropped.exists()
+    assert len(list((tmp_path / "out" / "curves").iterdir())) == 1

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hemaseg.data.images import MAX_PIXELS_DEFAULT, MAX_PIXELS_FLAG, DataError, is_dicom, to_gray
+from hemaseg.data.pixels import MAX_PIXELS_DEFAULT, MAX_PIXELS_FLAG, DataError, is_dicom, to_gray
 from hemaseg.measure.calibration import Spacing
 
 log = logging.getLogger(__name__)

@@ -22,34 +22,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hemaseg.config import DataConfig
+from hemaseg.data.pixels import (  # noqa: F401 - re-exported: this is where callers find the decoder's parts
+    DICOM_HEAD_BYTES,
+    MAX_PIXELS_DEFAULT,
+    MAX_PIXELS_FLAG,
+    DataError,
+    is_dicom,
+    to_gray,
+)
 
 if TYPE_CHECKING:
     from hemaseg.data.dicom import DicomScan
 
 log = logging.getLogger(__name__)
 
-MAX_PIXELS_DEFAULT = DataConfig.max_pixels  # decompression-bomb guard: 50 MP is far beyond ultrasound
-MAX_PIXELS_FLAG = "--max-pixels"  # every command that reads images has it; errors name it
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # decoders PIL may try, chosen by the content's magic bytes
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _VIA_RGB = ("P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr")
-
-
-class DataError(ValueError):
-    """One-line, user-facing problem naming the file: ``str(e) == f"{path}: {problem}"``.
-
-    `code` says what kind of problem it is (for the service's status codes and for errors.csv)."""
-
-    def __init__(self, path: str | os.PathLike, problem: str, code: str = "invalid"):
-        self.path = Path(path)
-        self.problem = problem
-        self.code = code
-        super().__init__(f"{path}: {problem}")
-
-    def __reduce__(self):  # the default pickling would call __init__ with one argument (DataLoader workers)
-        return (type(self), (self.path, self.problem, self.code))
 
 
 @dataclass(frozen=True)
@@ -132,41 +122,12 @@ def pil_to_gray(im: Image.Image, where: str | os.PathLike = "image") -> np.ndarr
     return to_gray(np.asarray(im.convert("RGB")))  # alpha is ignored, palettes are looked up
 
 
-def to_gray(image: np.ndarray) -> np.ndarray:
-    """Any HxW or HxWxC (C in 1, 3, 4) array -> float32 HxW in [0, 1]: integers scaled by their dtype's
-    range, RGB(A) by ITU-R 601 luminance (alpha ignored), bool as 0/1, floats above 1 by their maximum."""
-    a = np.asarray(image)
-    dtype = a.dtype
-    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
-        a = a[..., 0] if a.shape[-1] == 1 else _luma(a[..., :3])
-        if dtype.kind in "ui":
-            a = a / np.iinfo(dtype).max
-    elif a.ndim != 2:
-        raise ValueError(f"expected an HxW or HxWxC image with C in 1, 3, 4; got shape {a.shape}")
-    elif a.dtype.kind in "ui":
-        a = a / np.iinfo(a.dtype).max
-    a = a.astype(np.float32)
-    if a.size and not np.isfinite(a).all():
-        raise ValueError("the image holds NaN or infinite values")
-    peak = float(a.max()) if a.size else 0.0
-    return a / peak if peak > 1 else a
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma. 8-bit input is rounded exactly as PIL's convert("L") does (16-bit fixed point),
-    so an RGB scan gives the same gray whether it arrives as a file or as an array."""
-    if rgb.dtype == np.uint8:
-        r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
-        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
-    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-
-
 def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS_DEFAULT,
                  name: str | os.PathLike | None = None, frame: int = 0) -> Decoded:
     """A file or bytes -> Decoded(gray, format, mode[, dicom]); DataError naming `name` (or the path) if
     not. `frame` picks the frame of a multi-frame DICOM (cine) file; other formats have one."""
     where = name if name is not None else ("upload" if isinstance(source, bytes) else source)
-    head = source[:_DICOM_HEAD] if isinstance(source, bytes) else _head(source, _DICOM_HEAD)
+    head = source[:DICOM_HEAD_BYTES] if isinstance(source, bytes) else _head(source, DICOM_HEAD_BYTES)
     if is_dicom(head):
         from hemaseg.data.dicom import read_dicom
 
@@ -182,15 +143,6 @@ def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX
         if gray.size and not np.isfinite(gray).all():
             raise DataError(where, "the image holds NaN or infinite pixel values", "corrupt")
         return Decoded(gray, str(im.format), im.mode)
-
-
-_DICOM_HEAD = 132  # a DICOM Part-10 file: 128-byte preamble, then b"DICM"
-
-
-def is_dicom(head: bytes) -> bool:
-    """True when `head` (a file's first 132+ bytes) has b"DICM" after the 128-byte Part-10 preamble.
-    Checked here so PNG-only work never imports pydicom."""
-    return len(head) >= _DICOM_HEAD and head[_DICOM_HEAD - 4:_DICOM_HEAD] == b"DICM"
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> np.ndarray:

@@ -37,8 +37,9 @@ from hemaseg.io import atomic_write_bytes, save_png, write_csv
 log = logging.getLogger(__name__)
 
 TRANSVERSE, LONGITUDINAL = "transverse", "longitudinal"
-SERIES_COLUMNS = ("patient", "lesion", "site", "date", "plane", "image", "mask", "birth_date", "treatment_start",
-                  "true_longest_mm", "true_perpendicular_mm", "true_thickness_mm", "true_volume_mm3")
+SERIES_COLUMNS = ("patient", "lesion", "site", "date", "plane", "image", "mask", "birth_date",
+                  "treatment_start", "true_longest_mm", "true_perpendicular_mm", "true_thickness_mm",
+                  "true_volume_mm3")
 # tissue only: no lesion of its own, a linear probe (rows are the beam axis), no bone
 _TISSUE = SynthConfig(max_lesions=0, p_sector=0.0, p_bone=0.0)
 
@@ -79,7 +80,8 @@ def _lesion_scan(rng: np.random.Generator, shape: tuple[int, int], spacing: tupl
     image, _ = synth_scan(rng, shape, _TISSUE)
     a, b = width_mm / 2.0 / sx, depth_mm / 2.0 / sy  # semi-axes in px along x and y
     if 2 * a + 8 > w or 2 * b + 0.3 * h > h:
-        raise ValueError(f"a {width_mm} x {depth_mm} mm lesion does not fit a {w}x{h} scan at {sx} x {sy} mm/pixel")
+        raise ValueError(f"a {width_mm} x {depth_mm} mm lesion does not fit a {w}x{h} scan at {sx} x {sy} "
+                         "mm/pixel")
     cx = (w - 1) / 2.0 + rng.uniform(-0.5, 0.5) * min(w - 2 * a - 8, 0.2 * w)
     cy = 0.22 * h + b + rng.uniform(0.0, 0.05 * h)  # below the skin and dermis
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -162,12 +164,14 @@ def write_synthetic_series(
     sx, sy = spacing
     if not (sx > 0 and sy > 0):
         raise ValueError(f"spacing must be two mm per pixel > 0 (x, y); got {spacing!r}")
-    treatment = "" if treatment_week is None else (birth_date + datetime.timedelta(weeks=treatment_week)).isoformat()
+    treatment = ("" if treatment_week is None
+                 else (birth_date + datetime.timedelta(weeks=treatment_week)).isoformat())
     rows = []
     for i, visit in enumerate(schedule, start=1):
         if min(visit.length_mm, visit.width_mm) <= visit.depth_mm:
-            raise ValueError(f"visit {i}: the lesion must be wider (L {visit.length_mm}, W {visit.width_mm} mm) "
-                             f"than deep (H {visit.depth_mm} mm), so that its longest diameter is its width")
+            raise ValueError(f"visit {i}: the lesion must be wider (L {visit.length_mm}, W {visit.width_mm} "
+                             f"mm) than deep (H {visit.depth_mm} mm), so that its longest diameter is its "
+                             "width")
         day = birth_date + datetime.timedelta(weeks=visit.week)
         both = TRANSVERSE in visit.planes and LONGITUDINAL in visit.planes
         volume = math.pi / 6.0 * visit.length_mm * visit.width_mm * visit.depth_mm if both else None
@@ -175,10 +179,11 @@ def write_synthetic_series(
             if plane not in (TRANSVERSE, LONGITUDINAL):
                 raise ValueError(f"visit {i}: plane {plane!r} is not {TRANSVERSE!r} or {LONGITUDINAL!r}")
             width = visit.width_mm if plane == TRANSVERSE else visit.length_mm
-            image, mask = _lesion_scan(np.random.default_rng([seed, i, p]), size, spacing, width, visit.depth_mm)
+            rng = np.random.default_rng([seed, i, p])
+            image, mask = _lesion_scan(rng, size, spacing, width, visit.depth_mm)
             name = f"visit{i:02d}_{plane}"
-            atomic_write_bytes(out / f"{name}.dcm",
-                               _dicom_bytes(image, spacing, patient, f"hemaseg-series-{seed}-{name}"), fsync=False)
+            dicom = _dicom_bytes(image, spacing, patient, f"hemaseg-series-{seed}-{name}")
+            atomic_write_bytes(out / f"{name}.dcm", dicom, fsync=False)
             save_png(out / f"{name}_mask.png", mask.astype(np.uint8) * 255, fsync=False)
             rows.append({"patient": patient, "lesion": lesion, "site": site, "date": day.isoformat(),
                          "plane": plane, "image": f"{name}.dcm", "mask": f"{name}_mask.png",
@@ -187,5 +192,5 @@ def write_synthetic_series(
                          "true_thickness_mm": visit.depth_mm,
                          "true_volume_mm3": None if volume is None else round(volume, 3)})
     table = write_csv(out / "visits.csv", rows, SERIES_COLUMNS)
-    log.info("wrote a synthetic follow-up of %d visits (%d scans) to %s", len(schedule), len(rows), out)
+    log.debug("wrote a synthetic follow-up of %d visits (%d scans) to %s", len(schedule), len(rows), out)
     return table

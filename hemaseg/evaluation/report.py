@@ -43,14 +43,14 @@ def overlay_contours(image: np.ndarray, pred: np.ndarray | None = None, ref: np.
     return rgb
 
 
-def _figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]):
     # A bare Figure (no pyplot): no global backend state, safe in servers and threads.
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, dpi=100)
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -59,7 +59,7 @@ def _figure_png(fig) -> bytes:
 def curves_png(history: Sequence[dict]) -> bytes:
     """Training loss and validation Dice per epoch (dicts with epoch, train_loss, val_dice) as PNG bytes."""
     epochs = [h["epoch"] for h in history]
-    fig = _figure((6, 3.5))
+    fig = new_figure((6, 3.5))
     ax1 = fig.add_subplot()
     ax1.plot(epochs, [h.get("train_loss", math.nan) for h in history], color="tab:blue",
              label="train loss (Dice+BCE)")
@@ -71,7 +71,7 @@ def curves_png(history: Sequence[dict]) -> bytes:
     ax2.set_ylabel("validation Dice", color="tab:orange")
     ax2.set_ylim(0, 1)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_curves(history: Sequence[dict], path: str | Path) -> None:
@@ -79,7 +79,7 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> None:
     atomic_write_bytes(path, curves_png(history))
 
 
-def _img_tag(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
@@ -110,7 +110,7 @@ _DETECTION_LABELS = {
     "lesion_precision": "Lesion precision",
     "lesion_fp_per_image": "False positives per image",
 }
-_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1100px;
+REPORT_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1100px;
 padding:0 1em;color:#222;line-height:1.45}
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.8em 0;min-width:26em}
@@ -166,7 +166,7 @@ def distribution_png(values: np.ndarray, label: str, n_missing: int, unit_range:
 
 
 def _distribution_png(v: np.ndarray, label: str, n_missing: int, unit_range: bool) -> bytes:
-    fig = _figure((5.4, 3.6))
+    fig = new_figure((5.4, 3.6))
     box_ax, hist_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 4]})
     if v.size:
         box_ax.boxplot(v, orientation="horizontal", widths=0.6, showfliers=True)
@@ -185,7 +185,7 @@ def _distribution_png(v: np.ndarray, label: str, n_missing: int, unit_range: boo
     hist_ax.set_xlabel(label)
     hist_ax.set_ylabel("images")
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def risk_coverage(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +201,7 @@ def risk_coverage(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 def risk_coverage_png(rows: Sequence[dict]) -> bytes:
     coverage, kept = risk_coverage(rows)
-    fig = _figure((5.4, 3.6))
+    fig = new_figure((5.4, 3.6))
     ax = fig.subplots()
     ax.plot(coverage, kept, color="tab:blue")
     ax.axhline(kept[-1], color="gray", ls="--", lw=1, label=f"all scans: {kept[-1]:.3f}")
@@ -210,7 +210,7 @@ def risk_coverage_png(rows: Sequence[dict]) -> bytes:
     ax.set_xlim(0, 1)
     ax.legend(frameon=False, fontsize=9)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def case_overlay(row: dict, size: int = 320) -> np.ndarray:
@@ -342,12 +342,12 @@ def write_run_report(path: str | Path, *, title: str, summary: dict, rows: Seque
         plots.append(("Risk-coverage: mean Dice of the scans kept when the least confident go to review",
                       risk_coverage_png(rows), " (a line falling from left to right)"))
     parts.append('<section id="distributions"><h2>Metric distributions</h2><div class="plots">' + "".join(
-        f"<figure>{_img_tag(png, alt + kind)}<figcaption>{esc(alt)}</figcaption></figure>"
+        f"<figure>{img_tag(png, alt + kind)}<figcaption>{esc(alt)}</figcaption></figure>"
         for alt, png, kind in plots) + "</div></section>")
 
     if history:
         parts.append('<section id="training"><h2>Training curves</h2><figure>'
-                     + _img_tag(curves_png(history), "Training loss and validation Dice per epoch")
+                     + img_tag(curves_png(history), "Training loss and validation Dice per epoch")
                      + "<figcaption>Training loss (left axis) and validation Dice (right axis) per epoch."
                      "</figcaption></figure></section>")
 
@@ -371,7 +371,7 @@ def write_run_report(path: str | Path, *, title: str, summary: dict, rows: Seque
                f"{', '.join(labels)}; Dice {dice_txt}")
         tags = "".join(f'<span class="tag{" review" if "review" in lab else ""}">{esc(lab)}</span>'
                        for lab in labels)
-        figs.append(f'<figure class="case">{_img_tag(png_bytes(case_overlay(r)), alt)}<figcaption>{tags}'
+        figs.append(f'<figure class="case">{img_tag(png_bytes(case_overlay(r)), alt)}<figcaption>{tags}'
                     f"<strong>{esc(name)}</strong> — {esc(', '.join(facts))}</figcaption></figure>")
     if figs:
         cases_html = legend + '<div class="cases">' + "".join(figs) + "</div>"
@@ -390,6 +390,6 @@ def write_run_report(path: str | Path, *, title: str, summary: dict, rows: Seque
                      + "".join(f"<li>{esc(c)}</li>" for c in credits) + "</ul></footer>")
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(parts)
+            f"<title>{esc(title)}</title><style>{REPORT_CSS}</style></head>\n<body>\n" + "\n".join(parts)
             + "\n</body></html>\n")
     atomic_write_text(path, page)

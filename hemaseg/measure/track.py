@@ -1,9 +1,9 @@
-"""`hemaseg track TABLE --out DIR`: one lesion followed visit after visit. How big is it, how thick, and is
+"""`hemaseg track TABLE --out DIR`: lesions followed visit after visit. How big is each, how thick, and is
 it growing or involuting under treatment (propranolol, for an infantile hemangioma)?
 
 The table (CSV, one row per scan) names each lesion by the user's own identity, (patient, lesion label,
-site), never by where it lies in the image; a visit is that lesion on one date (or one age), possibly in
-two planes. Columns: `patient`, `lesion`, `site`, `image` and `date` (YYYY-MM-DD) or `age_weeks` are
+site), never by where it lies in the image; a visit is that lesion on one date (or at one age), possibly
+in two planes. Columns: `patient`, `lesion`, `site`, `image` and `date` (YYYY-MM-DD) or `age_weeks` are
 required; `plane` (transverse / longitudinal, or any name), `mask` (else the scan is segmented with the
 given predictor), `pixel_spacing` (MM or X,Y, for scans without their own calibration), `birth_date`
 (turns dates into ages) and `treatment_start` (a date or an age in weeks, marked on the curves) are
@@ -19,22 +19,28 @@ largest lesion of the mask (a warning says so when there are several). Per visit
 - the volume is pi/6 L W H (`morphometry.ellipsoid_volume_mm3`) only when the visit has a transverse and a
   longitudinal scan in mm: L = the longitudinal scan's longest diameter, W = the transverse scan's longest
   diameter, H = the larger of the two thicknesses (extent along the beam). One plane gives no volume.
-- comparisons with an earlier visit use the planes both visits have in mm (the largest section among
-  those), so a visit scanned in one plane is compared with the same plane of the others, never with a
-  section it does not have.
+- a comparison with an earlier visit uses the planes both visits have in mm (the largest section among
+  those), so a visit scanned in one plane is compared with that plane of the others, never with a section
+  it does not have. "Previous" is the latest earlier visit sharing a plane; "baseline" the first; the
+  "smallest so far" and the "largest so far" are the earlier visits this one is largest / smallest
+  against, in their shared planes.
 
-Status, by `TrackRules` (printed on every page, `rules.txt`, and by the CLI): see `TrackRules.describe`.
-A visit whose scans are in pixels only is "not measurable in mm" and is never a reference: pixels are
-not compared across visits, whose zoom and depth settings differ.
+Status, by `TrackRules` (printed on every page, in rules.txt and by the CLI; see `TrackRules.describe`).
+Involution is measured from the largest the lesion has been by default: under propranolol a hemangioma
+shrinks a little at every visit, and a rule against the previous visit alone would never call a steady
+involution; growth is always against the previous visit, and wins, so a rebound after treatment stops is
+called growth even while the lesion is still well below its peak. A visit whose scans are in pixels only
+is "not measurable in mm" and is never a reference: pixels are not compared across visits, whose zoom and
+depth settings differ.
 
 Privacy: outputs name a patient by a salted key, `p` + 12 hex digits of HMAC-SHA256(salt, patient ID),
 unless `raw_patient_id`. The salt is the caller's, or one generated once and kept in OUT/salt.txt (so a
 rerun gives the same keys; whoever has salt.txt and a guess of an ID can check the guess, so share the
-pages, not the folder). No output holds a file path (rows are named by their CSV line), and nothing from
-a DICOM header beyond what `measure_scan` reports.
+pages, not the folder). No output holds a file path (a row is named by its CSV line), and nothing from a
+DICOM header beyond what `measure_scan` reports. Dates are written as given.
 
 Outputs (all written atomically): visits.csv (a row per lesion per visit), scans.csv (a row per scan
-measured), errors.csv (only when rows failed), rules.txt, curves/KEY_LESION.png (diameters and volume
+measured), errors.csv (only when rows failed), rules.txt, curves/KEY_LESION_SITE.png (diameters and volume
 against age in weeks, or date without a birth date, treatment start marked) and patients/KEY.html (one
 self-contained page per patient: curves, table, outlined thumbnails, calibration, warnings, the rules).
 """
@@ -63,7 +69,7 @@ from PIL import Image
 from hemaseg.config import ConfigError
 from hemaseg.data.dataset import read_mask
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError, decode_image
-from hemaseg.evaluation.report import _CSS, _figure, _figure_png, _img_tag, overlay_contours
+from hemaseg.evaluation.report import REPORT_CSS, new_figure, figure_png, img_tag, overlay_contours
 from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes, remove_stale_temps, write_csv
 from hemaseg.measure.calibration import Spacing, parse_pixel_spacing
 from hemaseg.measure.lesions import label_lesions
@@ -87,12 +93,12 @@ STATUSES = ("baseline", "growth", "stable", "involution", "not measurable in mm"
 REFERENCES = ("largest", "previous")
 SALT_FILE = "salt.txt"
 ERROR_COLUMNS = ("line", "problem")
-_CHANGED = tuple(f"{m}_change_{ref}_{unit}" for m, units in (("longest", "mm"), ("perpendicular", "mm"),
-                                                              ("volume", "mm3"))
-                 for ref in ("previous", "baseline", "smallest") for unit in (units, "pct"))
+_CHANGES = tuple(f"{metric}_change_{ref}_{unit}"
+                 for metric, size_unit in (("longest", "mm"), ("perpendicular", "mm"), ("volume", "mm3"))
+                 for ref in ("previous", "baseline", "smallest") for unit in (size_unit, "pct"))
 VISIT_COLUMNS = ("patient_key", "lesion", "site", "date", "age_weeks", "planes", "csv_lines",
-                 "longest_diameter_mm", "perpendicular_diameter_mm", "section_plane", "thickness_mm", "area_mm2",
-                 "volume_mm3", *_CHANGED, "status", "status_reason", "spacing_source", "warnings")
+                 "longest_diameter_mm", "perpendicular_diameter_mm", "section_plane", "thickness_mm",
+                 "area_mm2", "volume_mm3", *_CHANGES, "status", "status_reason", "spacing_source", "warnings")
 SCAN_COLUMNS = ("line", "patient_key", "lesion", "site", "date", "age_weeks", "plane", "outline", "n_lesions",
                 "longest_diameter_mm", "perpendicular_diameter_mm", "thickness_mm", "area_mm2",
                 "longest_diameter_px", "perpendicular_diameter_px", "thickness_px", "area_px",
@@ -100,6 +106,8 @@ SCAN_COLUMNS = ("line", "patient_key", "lesion", "site", "date", "age_weeks", "p
                 "calibration_note", "warnings")
 # morphometry warnings about figures track does not report (depths below the skin, echogenicity)
 _IRRELEVANT = (NO_SKIN_LINE, NO_IMAGE)
+VOLUME_TEXT = ("Volume = π/6 · L · W · H: L the longitudinal scan's longest diameter, W the transverse "
+               "scan's, H the larger of their thicknesses; only at visits with both planes in mm.")
 _EPS = 1e-9  # a change exactly at a threshold counts, whatever the floating point says
 _THUMB_PX = 220  # longer side of a thumbnail on the page
 
@@ -124,32 +132,39 @@ class TrackRules:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(key, f"must be a finite number >= 0; got {v!r}")
         if not 0 < self.involution_pct < 100:
-            raise ConfigError("involution_pct", f"must be between 0 and 100 (a % decrease); got {self.involution_pct!r}")
+            raise ConfigError("involution_pct", f"must be between 0 and 100 (a % decrease); got "
+                                                f"{self.involution_pct!r}")
         if self.volume_ratio > 1:
-            raise ConfigError("volume_ratio", f"must be in [0, 1] (0 turns the volume rule off); got {self.volume_ratio!r}")
+            raise ConfigError("volume_ratio", f"must be in [0, 1] (0 turns the volume rule off); got "
+                                              f"{self.volume_ratio!r}")
         if self.growth_pct == 0 and self.growth_mm == 0:
-            raise ConfigError("growth_pct", "and growth_mm are both 0: every visit that does not shrink would be growth")
+            raise ConfigError("growth_pct", "and growth_mm are both 0: every visit that does not shrink "
+                                            "would be growth")
         if self.involution_reference not in REFERENCES:
             raise ConfigError("involution_reference", f"must be one of {', '.join(REFERENCES)}; got "
                                                       f"{self.involution_reference!r}")
 
+    @property
+    def from_largest(self) -> bool:
+        return self.involution_reference == "largest"
+
     def describe(self) -> list[str]:
         """The rules in words, one line each: what every report prints."""
-        ref = ("the largest it has been at any earlier visit" if self.involution_reference == "largest"
-               else "the previous visit")
-        vol_ref = "the largest earlier volume" if self.involution_reference == "largest" else "the previous volume"
-        volume = (f", or its volume is below {self.volume_ratio:g} x {vol_ref} (visits with a transverse and a "
-                  "longitudinal scan only)" if self.volume_ratio > 0 else " (the volume rule is off)")
+        ref = "the largest it has been at any earlier visit" if self.from_largest else "the previous visit"
+        vol_ref = "the largest earlier volume" if self.from_largest else "the previous volume"
+        volume = (f", or its volume is below {self.volume_ratio:g} x {vol_ref} (visits with a transverse and "
+                  "a longitudinal scan only)" if self.volume_ratio > 0 else " (the volume rule is off)")
         return [
-            "Each visit is compared with earlier visits of the same lesion (patient, lesion, site) measured in mm, "
-            "in the planes both visits have.",
+            ("Each visit is compared with earlier visits of the same lesion (patient, lesion, site) measured "
+             "in mm, in the planes both visits have."),
             "baseline: the lesion's first visit measured in mm.",
-            f"growth: the longest or the perpendicular diameter is up by at least {self.growth_pct:g} % and at "
-            f"least {self.growth_mm:g} mm since the previous visit.",
-            f"involution (when not growth): the longest diameter is down by at least {self.involution_pct:g} % "
-            f"from {ref}{volume}.",
+            (f"growth: the longest or the perpendicular diameter is up by at least {self.growth_pct:g} % and "
+             f"at least {self.growth_mm:g} mm since the previous visit."),
+            (f"involution (when not growth): the longest diameter is down by at least "
+             f"{self.involution_pct:g} % from {ref}{volume}."),
             "stable: neither.",
-            "not measurable in mm: no scan of the visit is calibrated; pixels are never compared across visits.",
+            ("not measurable in mm: no scan of the visit is calibrated; pixels are never compared across "
+             "visits."),
             "no lesion in the mask: the calibrated scans' masks are empty.",
         ]
 
@@ -185,7 +200,8 @@ class TableRow:
 
 
 class RowError(ValueError):
-    """A table row that cannot be tracked: `str(e)` is `line N: problem`."""
+    """A table row that cannot be tracked: `str(e)` is `line N: problem`. `patient` is the row's raw
+    patient ID when it has one (for the patient's page; never written)."""
 
     def __init__(self, line: int, problem: str, patient: str | None = None):
         self.line, self.problem, self.patient = line, problem, patient
@@ -215,8 +231,9 @@ def _parse_weeks(text: str, column: str) -> float:
 
 
 def _parse_row(cells: dict[str, str], line: int, base: Path) -> TableRow:
-    get = lambda k: (cells.get(k) or "").strip()  # noqa: E731
-    patient = get("patient") or None
+    def get(key: str) -> str:
+        return (cells.get(key) or "").strip()
+
     try:
         for k in REQUIRED_COLUMNS:
             if not get(k):
@@ -228,8 +245,9 @@ def _parse_row(cells: dict[str, str], line: int, base: Path) -> TableRow:
         birth = _parse_date(get("birth_date"), "birth_date") if get("birth_date") else None
         treat = get("treatment_start")
         treatment = None
-        if treat:
-            treatment = _parse_date(treat, "treatment_start") if "-" in treat else _parse_weeks(treat, "treatment_start")
+        if treat:  # a date has dashes; an age in weeks is a plain number
+            parse = _parse_date if "-" in treat else _parse_weeks
+            treatment = parse(treat, "treatment_start")
         spacing = None
         if get("pixel_spacing"):
             spacing = parse_pixel_spacing(get("pixel_spacing"), source="pixel_spacing column")
@@ -237,7 +255,7 @@ def _parse_row(cells: dict[str, str], line: int, base: Path) -> TableRow:
         return TableRow(line, get("patient"), get("lesion"), get("site"), date, age, get("plane").lower(),
                         base / get("image"), mask, spacing, birth, treatment)
     except ValueError as e:
-        raise RowError(line, str(e), patient) from None
+        raise RowError(line, str(e), get("patient") or None) from None
 
 
 def read_table(path: str | os.PathLike) -> tuple[list[TableRow], list[RowError]]:
@@ -250,7 +268,7 @@ def read_table(path: str | os.PathLike) -> tuple[list[TableRow], list[RowError]]
         raise FileNotFoundError(f"{path}: no such table (a CSV file)")
     rows, errors = [], []
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -263,14 +281,16 @@ def read_table(path: str | os.PathLike) -> tuple[list[TableRow], list[RowError]]
             if not any(c in names for c in TIME_COLUMNS):
                 missing.append("date or age_weeks")
             if missing:
-                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a track table needs patient, "
-                                 f"lesion, site, image and date or age_weeks (found: {', '.join(n for n in names if n)})")
+                found = ", ".join(n for n in names if n)
+                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a track table needs "
+                                 f"patient, lesion, site, image and date or age_weeks (found: {found})")
             for cells in reader:
                 line = reader.line_num  # the record's last physical line (a quoted cell may span lines)
                 if not any(c.strip() for c in cells):
                     continue
                 if len(cells) > len(names):
-                    errors.append(RowError(line, f"{len(cells)} cells but the header names {len(names)} columns"))
+                    errors.append(RowError(line, f"{len(cells)} cells but the header names {len(names)} "
+                                                 "columns"))
                     continue
                 try:
                     rows.append(_parse_row(dict(zip(names, cells)), line, path.parent))
@@ -293,10 +313,10 @@ def _patient_facts(rows: list[TableRow], errors: list[RowError]) -> list[TableRo
             for key in ("birth_date", "treatment_start"):
                 value = getattr(row, key)
                 if value is not None:
-                    first = known.setdefault(key, (value, row.line))
-                    if first[0] != value:
-                        raise ValueError(f"{key} {value} differs from {first[0]} given for this patient on line "
-                                         f"{first[1]}")
+                    first, first_line = known.setdefault(key, (value, row.line))
+                    if first != value:
+                        raise ValueError(f"{key} {value} differs from {first} given for this patient on line "
+                                         f"{first_line}")
         except ValueError as e:
             errors.append(RowError(row.line, str(e), row.patient))
             continue
@@ -305,18 +325,52 @@ def _patient_facts(rows: list[TableRow], errors: list[RowError]) -> list[TableRo
     for row in kept:
         known = facts[row.patient]
         birth = known.get("birth_date", (None,))[0]
-        row = dataclasses.replace(row, birth_date=birth, treatment_start=known.get("treatment_start", (None,))[0])
+        row = dataclasses.replace(row, birth_date=birth,
+                                  treatment_start=known.get("treatment_start", (None,))[0])
         if row.date is not None and birth is not None:
             if row.date < birth:
-                errors.append(RowError(row.line, f"date {row.date} is before the birth_date {birth}", row.patient))
+                errors.append(RowError(row.line, f"date {row.date} is before the birth_date {birth}",
+                                       row.patient))
                 continue
             age = (row.date - birth).days / 7.0
             if row.age_weeks is not None and abs(row.age_weeks - age) > 0.5:
-                errors.append(RowError(row.line, f"age_weeks {row.age_weeks:g} does not match date {row.date} and "
-                                                 f"birth_date {birth} ({age:.1f} weeks)", row.patient))
+                problem = (f"age_weeks {row.age_weeks:g} does not match date {row.date} and birth_date "
+                           f"{birth} ({age:.1f} weeks)")
+                errors.append(RowError(row.line, problem, row.patient))
                 continue
             row = dataclasses.replace(row, age_weeks=age if row.age_weeks is None else row.age_weeks)
         out.append(row)
+    return out
+
+
+def _group(rows: list[TableRow], errors: list[RowError]) -> dict[tuple, tuple[str, list[list[TableRow]]]]:
+    """lesion id -> (axis, its visits in time order, each a list of rows). The axis is "age" when every row
+    of the lesion has an age in weeks, else "date"; rows that cannot be placed on it are errors, and so is
+    a second row of the same lesion, visit and plane."""
+    by_lesion: dict[tuple, list[TableRow]] = {}
+    for row in rows:
+        by_lesion.setdefault(row.lesion_id, []).append(row)
+    out = {}
+    for lid, lrows in by_lesion.items():
+        axis = "age" if all(r.age_weeks is not None for r in lrows) else "date"
+        if axis == "date":
+            for r in lrows:
+                if r.date is None:
+                    problem = ("age_weeks without a date, while other visits of this lesion have dates and "
+                               "no birth_date turns them into ages: give the date, or the patient's "
+                               "birth_date")
+                    errors.append(RowError(r.line, problem, r.patient))
+            lrows = [r for r in lrows if r.date is not None]
+        visits: dict = {}
+        for r in lrows:
+            same = visits.setdefault(round(r.age_weeks, 4) if axis == "age" else r.date, [])
+            twin = next((o for o in same if o.plane == r.plane), None)
+            if twin is not None:
+                errors.append(RowError(r.line, f"the same lesion, visit and plane ({r.plane or 'not given'}) "
+                                               f"as line {twin.line}", r.patient))
+                continue
+            same.append(r)
+        out[lid] = (axis, [visits[k] for k in sorted(visits)])
     return out
 
 
@@ -328,7 +382,7 @@ class _Scan:
     """One row measured."""
 
     row: TableRow
-    outline: str  # "mask" (given) or "model" (segmented here)
+    outline: str  # "mask" (the table's) or "model" (segmented here)
     measured: ScanMeasurement
     lesion: LesionMeasurement | None  # the tracked lesion: the mask's largest
     thumbnail: bytes | None  # PNG of the lesion's surroundings with its outline
@@ -354,32 +408,34 @@ class _Scan:
 
 def _thumbnail(gray: np.ndarray, lesion_mask: np.ndarray, bbox: tuple[int, int, int, int],
                spacing: Spacing | None) -> bytes:
-    """The lesion's box plus a margin, drawn at its physical aspect ratio (square pixels without a
-    spacing), its outline in yellow, about _THUMB_PX on the longer side."""
+    """PNG of the lesion's box plus a margin at its physical aspect ratio (square pixels without a
+    spacing), its outline in yellow, _THUMB_PX on the longer side."""
     h, w = gray.shape
     x, y, bw, bh = bbox
     margin = max(8, round(0.3 * max(bw, bh)))
-    x0, y0, x1, y1 = max(0, x - margin), max(0, y - margin), min(w, x + bw + margin), min(h, y + bh + margin)
+    x0, y0 = max(0, x - margin), max(0, y - margin)
+    x1, y1 = min(w, x + bw + margin), min(h, y + bh + margin)
     sx, sy = (1.0, 1.0) if spacing is None else (spacing.x_mm, spacing.y_mm)
     cw, ch = (x1 - x0) * sx, (y1 - y0) * sy
     scale = _THUMB_PX / max(cw, ch)
     size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
     crop = np.clip(np.round(gray[y0:y1, x0:x1] * 255), 0, 255).astype(np.uint8)
     img = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
-    outline = np.asarray(Image.fromarray(lesion_mask[y0:y1, x0:x1].astype(np.uint8) * 255).resize(
-        size, Image.Resampling.NEAREST)) > 0
+    outline = Image.fromarray(lesion_mask[y0:y1, x0:x1].astype(np.uint8) * 255)
+    outline = np.asarray(outline.resize(size, Image.Resampling.NEAREST)) > 0
     return png_bytes(overlay_contours(img, pred=outline, thickness=2))
 
 
 def _measure(row: TableRow, predictor: Predictor | None, mask_threshold: float | None,
              max_pixels: int | None) -> _Scan:
-    """Decode, outline (the row's mask, else the predictor) and measure one row; RowError if it cannot be."""
+    """Decode, outline (the row's mask, else the predictor) and measure one row; RowError if it cannot be.
+    Problems name the column, not the file: a path may hold the patient's ID."""
     if row.mask is None and predictor is None:
-        raise RowError(row.line, "no mask given and no model to segment the scan: fill the mask column or give "
-                                 "--model RUN", row.patient)
+        raise RowError(row.line, "no mask given and no model to segment the scan: fill the mask column or "
+                                 "give --model RUN", row.patient)
     try:
         decoded = decode_image(row.image, max_pixels)
-    except DataError as e:  # the problem only: a path may hold the patient's ID
+    except DataError as e:
         raise RowError(row.line, f"image: {e.problem}", row.patient) from None
     if row.mask is not None:
         try:
@@ -398,20 +454,20 @@ def _measure(row: TableRow, predictor: Predictor | None, mask_threshold: float |
     warnings = [w for w in m.warnings if w not in _IRRELEVANT]
     if measured.calibration_note:
         warnings.append(measured.calibration_note)
-    lesion, thumb = (m.lesions[0], None) if m.lesions else (None, None)
     if m.n_lesions > 1:
         warnings.append(f"the mask holds {m.n_lesions} lesions: the largest is the one tracked")
+    lesion, thumbnail = (m.lesions[0], None) if m.lesions else (None, None)
     if lesion is not None:
         labels, _ = label_lesions(mask)
-        areas = np.bincount(labels.ravel())[1:]
-        largest = labels == int(np.argmax(areas)) + 1  # argmax takes the first of equals, as measure_mask does
-        thumb = _thumbnail(decoded.gray, largest, lesion.bbox, m.spacing)
+        # the largest component; argmax takes the first of equal areas, as measure_mask's stable sort does
+        largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        thumbnail = _thumbnail(decoded.gray, largest, lesion.bbox, m.spacing)
     if measured.burned_in_annotation:
-        warnings.append("the DICOM file does not say its pixels are free of burned-in text (BurnedInAnnotation "
-                        "is not NO): check the thumbnail before sharing the page")
+        warnings.append("the DICOM file does not say its pixels are free of burned-in text "
+                        "(BurnedInAnnotation is not NO): check the thumbnail before sharing the page")
     if decoded.dicom is not None and decoded.dicom.n_frames > 1:
         warnings.append(f"cine DICOM: its first frame of {decoded.dicom.n_frames} was measured")
-    return _Scan(row, outline, measured, lesion, thumb, warnings)
+    return _Scan(row, outline, measured, lesion, thumbnail, warnings)
 
 
 # --------------------------------------------------------------------------------------------- visits
@@ -421,7 +477,6 @@ def _measure(row: TableRow, predictor: Predictor | None, mask_threshold: float |
 class _Visit:
     """One lesion on one day: its scans and what was made of them."""
 
-    key: tuple
     scans: list[_Scan]
     volume: float | None = None
     status: str = ""
@@ -463,6 +518,10 @@ def _when(visit: _Visit, axis: str) -> str:
     return f"week {r.age_weeks:.1f}" if axis == "age" else str(r.date)
 
 
+def _planes(planes: set[str]) -> str:
+    return ", ".join(sorted(planes)) or "(plane not given)"
+
+
 def _pct(now: float, ref: float) -> float:
     return (now - ref) / ref * 100.0
 
@@ -474,85 +533,92 @@ def _pairs(cur: _Visit, earlier: Sequence[_Visit], metric: str) -> list[tuple[_V
     for e in earlier:
         common = cur.mm_planes & e.mm_planes
         if common:
-            a, b = e.section(common), cur.section(common)
-            out.append((e, getattr(a, metric), getattr(b, metric)))
+            out.append((e, getattr(e.section(common), metric), getattr(cur.section(common), metric)))
     return out
+
+
+def _changes(v: _Visit, done: list[_Visit]) -> None:
+    """Changes since the previous visit, the baseline and the smallest so far, in mm (or mm3) and %."""
+    for metric in ("longest", "perpendicular"):
+        pairs = _pairs(v, done, metric)
+        if pairs:
+            smallest = max(pairs, key=lambda p: p[2] / p[1])  # what this visit is largest against
+            refs = {"previous": pairs[-1], "baseline": pairs[0], "smallest": smallest}
+            for ref, (_, was, now) in refs.items():
+                v.changes[f"{metric}_change_{ref}_mm"] = now - was
+                v.changes[f"{metric}_change_{ref}_pct"] = _pct(now, was)
+    earlier = [e for e in done if e.volume is not None]
+    if v.volume is not None and earlier:
+        smallest = min(earlier, key=lambda e: e.volume)
+        for ref, e in (("previous", earlier[-1]), ("baseline", earlier[0]), ("smallest", smallest)):
+            v.changes[f"volume_change_{ref}_mm3"] = v.volume - e.volume
+            v.changes[f"volume_change_{ref}_pct"] = _pct(v.volume, e.volume)
+
+
+def _status(v: _Visit, done: list[_Visit], rules: TrackRules, axis: str) -> tuple[str, str]:
+    """(status, why) of a visit measured in mm, given the earlier visits measured in mm."""
+    longest = _pairs(v, done, "longest")
+    if not longest:
+        if not done:
+            return "baseline", "first visit measured in mm"
+        return "baseline", (f"first visit measured in mm in plane(s) {_planes(v.mm_planes)}: no earlier "
+                            "visit shares a plane with it")
+    prev = longest[-1][0]
+    if prev.mm_planes != v.mm_planes:
+        v.warnings.append(f"compared with the previous visit ({_when(prev, axis)}) in plane(s) "
+                          f"{_planes(prev.mm_planes & v.mm_planes)} only: the two visits were not measured "
+                          "in the same planes")
+    grew = []
+    for metric, pairs in (("longest", longest), ("perpendicular", _pairs(v, done, "perpendicular"))):
+        _, was, now = pairs[-1]
+        if now - was >= rules.growth_mm - _EPS and _pct(now, was) >= rules.growth_pct - _EPS:
+            grew.append(f"{metric} diameter {now - was:+.1f} mm ({_pct(now, was):+.0f} %) since "
+                        f"{_when(prev, axis)}")
+    if grew:
+        return "growth", "; ".join(grew)
+
+    shrank = []
+    # the reference: the earlier visit this one is smallest against (largest), or the previous one
+    ref, was, now = max(longest, key=lambda p: p[1] / p[2]) if rules.from_largest else longest[-1]
+    where = "its largest" if rules.from_largest else "the previous visit"
+    if -_pct(now, was) >= rules.involution_pct - _EPS:
+        shrank.append(f"longest diameter {now - was:+.1f} mm ({_pct(now, was):+.0f} %) from {where}, "
+                      f"{was:.1f} mm at {_when(ref, axis)}")
+    with_volume = [e for e in done if e.volume is not None]
+    if v.volume is not None and with_volume and rules.volume_ratio > 0:
+        e = max(with_volume, key=lambda e: e.volume) if rules.from_largest else with_volume[-1]
+        ratio = v.volume / e.volume
+        if ratio < rules.volume_ratio:
+            shrank.append(f"volume {ratio:.2f} x {'its largest' if rules.from_largest else 'the previous'}, "
+                          f"{e.volume:.0f} mm3 at {_when(e, axis)}")
+    if shrank:
+        return "involution", "; ".join(shrank)
+
+    _, pw, pn = longest[-1]
+    why = f"longest diameter {pn - pw:+.1f} mm ({_pct(pn, pw):+.0f} %) since {_when(prev, axis)}"
+    if rules.from_largest and ref is not prev:
+        why += f", {_pct(now, was):+.0f} % from its largest ({_when(ref, axis)})"
+    return "stable", why
 
 
 def _assess(visits: list[_Visit], rules: TrackRules, axis: str) -> None:
     """Fill volume, changes, status and reason of one lesion's visits (in time order)."""
-    done: list[_Visit] = []  # earlier visits measured in mm
+    done: list[_Visit] = []  # earlier visits measured in mm: the only references
     for v in visits:
         v.volume = _volume(v)
-        planes = {s.row.plane for s in v.scans}
         if not v.mm_planes:
-            calibrated = [s for s in v.scans if s.spacing is not None]
-            if calibrated:
-                v.status, v.reason = "no lesion in the mask", "the masks of this visit's calibrated scans are empty"
+            if any(s.spacing is not None for s in v.scans):
+                v.status = "no lesion in the mask"
+                v.reason = "the masks of this visit's calibrated scans are empty"
             else:
                 v.status = "not measurable in mm"
-                v.reason = "no scan of this visit is calibrated: its figures are in pixels, which are not compared"
+                v.reason = "no scan of this visit is calibrated: its figures are in pixels, never compared"
             continue
-        if v.volume is None and len(planes) > 1:
-            v.warnings.append("no volume: it needs a transverse and a longitudinal scan, both in mm with a lesion")
-        for metric in ("longest", "perpendicular"):
-            pairs = _pairs(v, done, metric)
-            if pairs:  # the smallest: the earlier visit this one is largest against (in their shared planes)
-                smallest = max(pairs, key=lambda p: p[2] / p[1])
-                for ref, (_, was, now) in (("previous", pairs[-1]), ("baseline", pairs[0]), ("smallest", smallest)):
-                    v.changes[f"{metric}_change_{ref}_mm"] = now - was
-                    v.changes[f"{metric}_change_{ref}_pct"] = _pct(now, was)
-        with_volume = [e for e in done if e.volume is not None]
-        if v.volume is not None and with_volume:
-            smallest = min(with_volume, key=lambda e: e.volume)
-            for ref, e in (("previous", with_volume[-1]), ("baseline", with_volume[0]), ("smallest", smallest)):
-                v.changes[f"volume_change_{ref}_mm3"] = v.volume - e.volume
-                v.changes[f"volume_change_{ref}_pct"] = _pct(v.volume, e.volume)
-
-        longest = _pairs(v, done, "longest")
-        if not longest:
-            v.status = "baseline"
-            v.reason = ("first visit measured in mm" if not done else
-                        f"first visit measured in mm in plane(s) {', '.join(sorted(v.mm_planes)) or '(unnamed)'}: "
-                        "no earlier visit shares a plane with it")
-            done.append(v)
-            continue
-        prev = longest[-1][0]
-        if prev.mm_planes != v.mm_planes:
-            v.warnings.append(f"compared with the previous visit ({_when(prev, axis)}) in plane(s) "
-                              f"{', '.join(sorted(prev.mm_planes & v.mm_planes)) or '(unnamed)'} only: the two "
-                              "visits were not measured in the same planes")
-        grew = []
-        for metric, pairs in (("longest", longest), ("perpendicular", _pairs(v, done, "perpendicular"))):
-            _, was, now = pairs[-1]
-            if now - was >= rules.growth_mm - _EPS and _pct(now, was) >= rules.growth_pct - _EPS:
-                grew.append(f"{metric} diameter {now - was:+.1f} mm ({_pct(now, was):+.0f} %) since "
-                            f"{_when(prev, axis)}")
-        if grew:
-            v.status, v.reason = "growth", "; ".join(grew)
-            done.append(v)
-            continue
-        shrank = []
-        ref, was, now = (max(longest, key=lambda p: p[1] / p[2]) if rules.involution_reference == "largest"
-                         else longest[-1])
-        where = "its largest" if rules.involution_reference == "largest" else "the previous visit"
-        if -_pct(now, was) >= rules.involution_pct - _EPS:
-            shrank.append(f"longest diameter {now - was:+.1f} mm ({_pct(now, was):+.0f} %) from {where}, "
-                          f"{was:.1f} mm at {_when(ref, axis)}")
-        if v.volume is not None and with_volume and rules.volume_ratio > 0:
-            e = max(with_volume, key=lambda e: e.volume) if rules.involution_reference == "largest" else with_volume[-1]
-            ratio = v.volume / e.volume
-            if ratio < rules.volume_ratio:
-                shrank.append(f"volume {ratio:.2f} x {'its largest' if rules.involution_reference == 'largest' else 'the previous'}, "
-                              f"{e.volume:.0f} mm3 at {_when(e, axis)}")
-        if shrank:
-            v.status, v.reason = "involution", "; ".join(shrank)
-        else:
-            _, pw, pn = longest[-1]
-            v.status = "stable"
-            v.reason = (f"longest diameter {pn - pw:+.1f} mm ({_pct(pn, pw):+.0f} %) since {_when(prev, axis)}"
-                        + ("" if rules.involution_reference == "previous" or ref is prev else
-                           f", {_pct(now, was):+.0f} % from its largest ({_when(ref, axis)})"))
+        if v.volume is None and len({s.row.plane for s in v.scans}) > 1:
+            v.warnings.append("no volume: it needs a transverse and a longitudinal scan, both in mm with a "
+                              "lesion")
+        _changes(v, done)
+        v.status, v.reason = _status(v, done, rules, axis)
         done.append(v)
 
 
@@ -565,15 +631,15 @@ def patient_key(patient_id: str, salt: str) -> str:
 
 
 def _resolve_salt(out: Path, salt: str | None) -> tuple[str, Path | None]:
-    """(salt, where it is kept): the caller's (not stored), else OUT/salt.txt's, else a new one stored there."""
+    """(salt, where it is kept): the caller's (not stored), else OUT/salt.txt's, else a new one kept there."""
     path = out / SALT_FILE
     stored = path.read_text().strip() if path.is_file() else None
     if salt is not None:
         if not salt.strip():
             raise ConfigError("salt", "must not be empty")
         if stored and stored != salt:
-            raise ValueError(f"{path}: holds a different salt, so the keys would not match the outputs already "
-                             "in this folder; give that salt, another --out, or delete salt.txt")
+            raise ValueError(f"{path}: holds a different salt, so the keys would not match the outputs "
+                             "already in this folder; give that salt, another --out, or delete salt.txt")
         return salt, None
     if stored:
         return stored, path
@@ -583,8 +649,7 @@ def _resolve_salt(out: Path, salt: str | None) -> tuple[str, Path | None]:
 
 
 def _slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
-    return s[:60]
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x")[:60]
 
 
 # ----------------------------------------------------------------------------------------------- result
@@ -597,7 +662,7 @@ class TrackResult:
     scans: list[dict] = field(default_factory=list)  # rows of scans.csv, in table order
     errors: list[dict] = field(default_factory=list)  # rows of errors.csv: line, problem
     pages: list[Path] = field(default_factory=list)  # patients/KEY.html
-    curves: list[Path] = field(default_factory=list)  # curves/KEY_LESION.png
+    curves: list[Path] = field(default_factory=list)  # curves/KEY_LESION_SITE.png, one per lesion
     salt_file: Path | None = None  # where the salt is kept; None with a caller's salt or raw IDs
     rules: TrackRules = field(default_factory=TrackRules)
 
@@ -614,34 +679,36 @@ def _scan_row(s: _Scan, key: str) -> dict:
     r, m, les, sp = s.row, s.measured.measurement, s.lesion, s.spacing
     d = dict.fromkeys(SCAN_COLUMNS)
     d |= {"line": r.line, "patient_key": key, "lesion": r.lesion, "site": r.site, "date": r.date,
-         "age_weeks": _r(r.age_weeks, 2), "plane": r.plane, "outline": s.outline, "n_lesions": m.n_lesions,
-         "spacing_x_mm": None if sp is None else sp.x_mm, "spacing_y_mm": None if sp is None else sp.y_mm,
-         "spacing_source": None if sp is None else sp.source, "calibration_note": s.measured.calibration_note,
-         "warnings": _join(s.warnings)}
+          "age_weeks": _r(r.age_weeks, 2), "plane": r.plane, "outline": s.outline, "n_lesions": m.n_lesions,
+          "calibration_note": s.measured.calibration_note, "warnings": _join(s.warnings)}
+    if sp is not None:
+        d |= {"spacing_x_mm": sp.x_mm, "spacing_y_mm": sp.y_mm, "spacing_source": sp.source}
     if les is not None:
         x, y, w, h = les.bbox
-        d.update(longest_diameter_mm=_r(les.longest_diameter_mm), perpendicular_diameter_mm=_r(les.perpendicular_diameter_mm),
-                 thickness_mm=_r(les.thickness_mm), area_mm2=_r(les.area_mm2),
-                 longest_diameter_px=_r(les.longest_diameter_px), perpendicular_diameter_px=_r(les.perpendicular_diameter_px),
-                 thickness_px=les.thickness_px, area_px=les.area_px, bbox_x=x, bbox_y=y, bbox_w=w, bbox_h=h)
+        d |= {"longest_diameter_mm": _r(les.longest_diameter_mm),
+              "perpendicular_diameter_mm": _r(les.perpendicular_diameter_mm),
+              "thickness_mm": _r(les.thickness_mm), "area_mm2": _r(les.area_mm2),
+              "longest_diameter_px": _r(les.longest_diameter_px),
+              "perpendicular_diameter_px": _r(les.perpendicular_diameter_px),
+              "thickness_px": les.thickness_px, "area_px": les.area_px,
+              "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h}
     return d
 
 
 def _visit_row(v: _Visit, key: str) -> dict:
-    r, sec = v.row, v.section()
+    r, sec, several = v.row, v.section(), len(v.scans) > 1
+    spacing = [f"{s.row.plane + ': ' if several else ''}{s.spacing.x_mm:g} x {s.spacing.y_mm:g} mm, "
+               f"{s.spacing.source}" for s in v.scans if s.spacing is not None]
+    warnings = v.warnings + [f"{s.row.plane}: {w}" if several else w for s in v.scans for w in s.warnings]
     d = dict.fromkeys(VISIT_COLUMNS)
-    d |= {"patient_key": key, "lesion": r.lesion, "site": r.site, "date": r.date, "age_weeks": _r(r.age_weeks, 2),
-         "planes": "+".join(s.row.plane or "(unnamed)" for s in v.scans),
-         "csv_lines": " ".join(str(n) for n in sorted(s.row.line for s in v.scans)), "status": v.status, "status_reason": v.reason,
-         "volume_mm3": _r(v.volume, 1), "thickness_mm": _r(v.thickness()),
-         "spacing_source": _join([f"{s.row.plane + ': ' if len(v.scans) > 1 else ''}"
-                                  f"{s.spacing.x_mm:g} x {s.spacing.y_mm:g} mm, {s.spacing.source}"
-                                  for s in v.scans if s.spacing is not None]),
-         "warnings": _join(v.warnings + [f"{s.row.plane}: {w}" if len(v.scans) > 1 else w
-                                         for s in v.scans for w in s.warnings])}
+    d |= {"patient_key": key, "lesion": r.lesion, "site": r.site, "date": r.date,
+          "age_weeks": _r(r.age_weeks, 2), "planes": "+".join(s.row.plane or "(not given)" for s in v.scans),
+          "csv_lines": " ".join(str(n) for n in sorted(s.row.line for s in v.scans)),
+          "thickness_mm": _r(v.thickness()), "volume_mm3": _r(v.volume, 1), "status": v.status,
+          "status_reason": v.reason, "spacing_source": _join(spacing), "warnings": _join(warnings)}
     if sec is not None:
-        d.update(longest_diameter_mm=_r(sec.longest), perpendicular_diameter_mm=_r(sec.perpendicular),
-                 section_plane=sec.row.plane, area_mm2=_r(sec.lesion.area_mm2))
+        d |= {"longest_diameter_mm": _r(sec.longest), "perpendicular_diameter_mm": _r(sec.perpendicular),
+              "section_plane": sec.row.plane, "area_mm2": _r(sec.lesion.area_mm2)}
     for k, val in v.changes.items():
         d[k] = _r(val, 1 if k.endswith(("pct", "mm3")) else 3)
     return d
@@ -655,7 +722,7 @@ def _x(visit: _Visit, axis: str):
 
 
 def _treatment_x(row: TableRow, axis: str):
-    """Where treatment starts on the lesion's axis, or None (with the reason) when it cannot be placed."""
+    """(where treatment starts on the lesion's axis, None) or (None, why it cannot be placed)."""
     t, birth = row.treatment_start, row.birth_date
     if t is None:
         return None, None
@@ -669,13 +736,13 @@ def _treatment_x(row: TableRow, axis: str):
         return t, None
     if birth is not None:
         return birth + datetime.timedelta(weeks=t), None
-    return None, "treatment_start is an age in weeks but there is no birth_date to place it among dated visits"
+    return None, "treatment_start is an age in weeks but there is no birth_date to place it among the dates"
 
 
 def _curve_png(visits: list[_Visit], axis: str, title: str) -> bytes:
     """Longest (solid) and perpendicular (dashed) diameter per plane in mm, volume (dotted, right axis)
     when any visit has one, against age in weeks or date; treatment start as a red vertical line."""
-    fig = _figure((6.4, 4.6))
+    fig = new_figure((6.4, 4.6))
     ax = fig.add_subplot()
     planes = sorted({s.row.plane for v in visits for s in v.scans if s.in_mm})
     colours = ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:cyan"]
@@ -683,9 +750,9 @@ def _curve_png(visits: list[_Visit], axis: str, title: str) -> bytes:
         pts = [(_x(v, axis), s) for v in visits for s in v.scans if s.in_mm and s.row.plane == plane]
         name = f" ({plane})" if len(planes) > 1 and plane else ""
         colour = colours[i % len(colours)]
-        ax.plot([p[0] for p in pts], [p[1].longest for p in pts], "-o", color=colour, ms=4,
-                label=f"longest diameter{name}")
-        ax.plot([p[0] for p in pts], [p[1].perpendicular for p in pts], "--s", color=colour, ms=3,
+        xs = [p[0] for p in pts]
+        ax.plot(xs, [p[1].longest for p in pts], "-o", color=colour, ms=4, label=f"longest diameter{name}")
+        ax.plot(xs, [p[1].perpendicular for p in pts], "--s", color=colour, ms=3,
                 label=f"perpendicular diameter{name}")
     ax.set_ylim(bottom=0)
     ax.set_ylabel("diameter (mm)")
@@ -694,15 +761,15 @@ def _curve_png(visits: list[_Visit], axis: str, title: str) -> bytes:
     vol = [(_x(v, axis), v.volume) for v in visits if v.volume is not None]
     if vol:
         ax2 = ax.twinx()
-        ax2.plot([p[0] for p in vol], [p[1] for p in vol], ":^", color="black", ms=4, label="volume (two planes)")
+        ax2.plot([p[0] for p in vol], [p[1] for p in vol], ":^", color="black", ms=4,
+                 label="volume (two planes)")
         ax2.set_ylabel("volume (mm³)")
         ax2.set_ylim(bottom=0)
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
+        more_handles, more_labels = ax2.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
     tx, _ = _treatment_x(visits[0].row, axis)
     if tx is not None:
-        line = ax.axvline(tx, color="tab:red", ls="-.", lw=1.2)
-        handles.append(line)
+        handles.append(ax.axvline(tx, color="tab:red", ls="-.", lw=1.2))
         labels.append("treatment start")
     if not planes:
         ax.text(0.5, 0.5, "no visit measured in mm", ha="center", va="center", transform=ax.transAxes)
@@ -713,105 +780,107 @@ def _curve_png(visits: list[_Visit], axis: str, title: str) -> bytes:
     if axis == "date":
         fig.autofmt_xdate()
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 # -------------------------------------------------------------------------------------------- the page
 
-_PAGE_CSS = _CSS + """
-.cases figure{max-width:250px}.status-growth{color:#b00020;font-weight:600}
-.status-involution{color:#0a6b2d;font-weight:600}td.status{white-space:nowrap}
-table.visits{font-size:.9em}table.visits td,table.visits th{padding:3px 6px}"""
+_PAGE_CSS = REPORT_CSS + """
+.lesion>figure{max-width:680px}.cases figure{max-width:250px}
+.status-growth{color:#b00020;font-weight:600}.status-involution{color:#0a6b2d;font-weight:600}
+table.visits{font-size:.88em}table.visits td,table.visits th{padding:3px 6px}
+table.visits td.num,td.status{white-space:nowrap}table.visits td.why{min-width:15em}
+.scroll{overflow-x:auto}"""
 
 
-def _fmt(v, digits: int = 1, unit: str = "") -> str:
-    if v is None:
-        return "–"
-    return f"{v:.{digits}f}{unit}"
+def _fmt(v, digits: int = 1) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def _change(v: _Visit, metric: str, ref: str, unit: str) -> str:
     a, p = v.changes.get(f"{metric}_change_{ref}_{unit}"), v.changes.get(f"{metric}_change_{ref}_pct")
-    if a is None:
-        return "–"
-    return f"{a:+.{0 if unit == 'mm3' else 1}f} ({p:+.0f} %)"
+    return "–" if a is None else f"{a:+.{0 if unit == 'mm3' else 1}f} ({p:+.0f} %)"
+
+
+def _scan_html(v: _Visit, s: _Scan, axis: str) -> tuple[str, str]:
+    """(the thumbnail's figure, or "", the scan's calibration and warnings as a list item)."""
+    esc = html.escape
+    plane = s.row.plane or "plane not given"
+    what = f"{_when(v, axis)} · {plane} · {v.status}"
+    if s.lesion is None:
+        size = "no lesion in the mask"
+    elif s.spacing is not None:
+        size = f"{s.longest:.1f} × {s.perpendicular:.1f} mm, thickness {s.lesion.thickness_mm:.1f} mm"
+    else:
+        size = (f"{s.lesion.longest_diameter_px:.0f} × {s.lesion.perpendicular_diameter_px:.0f} px "
+                "(not calibrated)")
+    figure = ""
+    if s.thumbnail is not None:
+        outline = "outline: the table's mask" if s.outline == "mask" else "outline: the model's"
+        figure = (f"<figure>{img_tag(s.thumbnail, f'{what}: the lesion with its outline in yellow; {size}')}"
+                  f"<figcaption><strong>{esc(what)}</strong><br>{esc(size)}<br>"
+                  f'<span class="muted">{esc(outline)}; CSV line {s.row.line}</span></figcaption></figure>')
+    cal = (f"{s.spacing.x_mm:g} × {s.spacing.y_mm:g} mm/pixel from {s.spacing.source}" if s.spacing
+           else f"in pixels: {s.measured.calibration_note or 'no calibration'}")
+    warnings = "".join(f"<br>⚠ {esc(w)}" for w in s.warnings if w != s.measured.calibration_note)
+    return figure, (f"<li><strong>{esc(_when(v, axis))}, {esc(plane)}</strong> (CSV line {s.row.line}): "
+                    f"{esc(cal)}{warnings}</li>")
 
 
 def _lesion_html(lesion: str, site: str, visits: list[_Visit], axis: str, curve: bytes) -> str:
     esc = html.escape
-    n_px = sum(v.status == "not measurable in mm" for v in visits)
     head = ("<th>visit</th><th>planes</th><th>longest mm</th><th>perpendicular mm</th><th>thickness mm</th>"
             "<th>area mm²</th><th>volume mm³</th><th>longest: since previous</th><th>since baseline</th>"
             "<th>since smallest</th><th>volume: since previous</th><th>status</th><th>why</th>")
-    body = []
+    body, figs, notes = [], [], []
     for v in visits:
         sec = v.section()
-        cells = [esc(_when(v, axis)), esc(" + ".join(s.row.plane or "(unnamed)" for s in v.scans)),
-                 _fmt(sec and sec.longest), _fmt(sec and sec.perpendicular), _fmt(v.thickness()),
-                 _fmt(sec and sec.lesion.area_mm2), _fmt(v.volume, 0),
-                 esc(_change(v, "longest", "previous", "mm")), esc(_change(v, "longest", "baseline", "mm")),
-                 esc(_change(v, "longest", "smallest", "mm")), esc(_change(v, "volume", "previous", "mm3"))]
-        cls = f"status status-{v.status.split()[0]}"
-        body.append("<tr>" + "".join(f'<td class="num">{c}</td>' if i > 1 else f"<td>{c}</td>"
-                                     for i, c in enumerate(cells))
-                    + f'<td class="{cls}">{esc(v.status)}</td><td>{esc(v.reason)}</td></tr>')
-    figs, notes = [], []
-    for v in visits:
+        planes = "<br>".join(esc(s.row.plane or "(not given)") for s in v.scans)
+        nums = [_fmt(sec and sec.longest), _fmt(sec and sec.perpendicular), _fmt(v.thickness()),
+                _fmt(sec and sec.lesion.area_mm2), _fmt(v.volume, 0), _change(v, "longest", "previous", "mm"),
+                _change(v, "longest", "baseline", "mm"), _change(v, "longest", "smallest", "mm"),
+                _change(v, "volume", "previous", "mm3")]
+        body.append(f"<tr><td>{esc(_when(v, axis))}</td><td>{planes}</td>"
+                    + "".join(f'<td class="num">{esc(c)}</td>' for c in nums)
+                    + f'<td class="status status-{v.status.split()[0]}">{esc(v.status)}</td>'
+                    f'<td class="why">{esc(v.reason)}</td></tr>')
         for s in v.scans:
-            what = f"{_when(v, axis)} · {s.row.plane or 'plane not given'} · {v.status}"
-            if s.lesion is not None and s.spacing is not None:
-                size = f"{s.longest:.1f} × {s.perpendicular:.1f} mm, thickness {s.lesion.thickness_mm:.1f} mm"
-            elif s.lesion is not None:
-                size = (f"{s.lesion.longest_diameter_px:.0f} × {s.lesion.perpendicular_diameter_px:.0f} px "
-                        "(not calibrated)")
-            else:
-                size = "no lesion in the mask"
-            outline = "outline: the table's mask" if s.outline == "mask" else "outline: the model's"
-            if s.thumbnail is not None:
-                alt = f"{what}: the lesion with its outline in yellow; {size}"
-                figs.append(f"<figure>{_img_tag(s.thumbnail, alt)}<figcaption><strong>{esc(what)}</strong><br>"
-                            f"{esc(size)}<br><span class=\"muted\">{esc(outline)}; CSV line {s.row.line}</span>"
-                            "</figcaption></figure>")
-            cal = (f"{s.spacing.x_mm:g} × {s.spacing.y_mm:g} mm/pixel from {s.spacing.source}" if s.spacing
-                   else f"in pixels: {s.measured.calibration_note or 'no calibration'}")
-            notes.append(f"<li><strong>{esc(_when(v, axis))}, {esc(s.row.plane or 'plane not given')}</strong> "
-                         f"(CSV line {s.row.line}): {esc(cal)}"
-                         + "".join(f"<br>⚠ {esc(w)}" for w in s.warnings if w != s.measured.calibration_note)
-                         + "</li>")
+            figure, note = _scan_html(v, s, axis)
+            figs.append(figure)
+            notes.append(note)
         notes += [f"<li><strong>{esc(_when(v, axis))}</strong>: ⚠ {esc(w)}</li>" for w in v.warnings]
-    _, treat_note = _treatment_x(visits[0].row, axis)
-    caption = ("Longest (solid) and perpendicular (dashed) diameter per plane; volume (dotted, right axis) at "
-               "visits with two orthogonal planes; treatment start in red."
+    n_px = sum(v.status == "not measurable in mm" for v in visits)
+    _, treatment_note = _treatment_x(visits[0].row, axis)
+    caption = ("Longest (solid) and perpendicular (dashed) diameter per plane; volume (dotted, right axis) "
+               "at visits with two orthogonal planes; treatment start in red."
                + (f" {n_px} visit(s) in pixels only are not plotted." if n_px else "")
-               + (f" Treatment start not marked: {treat_note}." if treat_note else ""))
+               + (f" Treatment start not marked: {treatment_note}." if treatment_note else ""))
     return (f'<section class="lesion"><h2>Lesion {esc(lesion)} — {esc(site)}</h2>'
-            f"<figure>{_img_tag(curve, f'Growth curve of lesion {lesion} ({site})')}"
+            f"<figure>{img_tag(curve, f'Growth curve of lesion {lesion} ({site})')}"
             f"<figcaption>{esc(caption)}</figcaption></figure>"
-            f'<table class="visits"><caption>Visits</caption><thead><tr>{head}</tr></thead><tbody>'
-            + "".join(body) + "</tbody></table>"
-            '<h3>Outlines</h3><div class="cases">' + "".join(figs) + "</div>"
-            "<h3>Calibration and warnings</h3><ul>" + "".join(notes) + "</ul></section>")
+            f'<div class="scroll"><table class="visits"><caption>Visits</caption><thead><tr>{head}</tr>'
+            "</thead><tbody>" + "".join(body) + "</tbody></table></div>"
+            + '<h3>Outlines</h3><div class="cases">' + "".join(figs) + "</div>"
+            + "<h3>Calibration and warnings</h3><ul>" + "".join(notes) + "</ul></section>")
 
 
-def _page(key: str, raw: bool, lesions: list[tuple[str, str, list[_Visit], str, bytes]], rules: TrackRules,
-          errors: list[RowError], redact) -> str:
+def _page(key: str, raw: bool, lesions: list[tuple], rules: TrackRules, errors: list[str]) -> str:
+    """One patient's self-contained page: no scripts, no links, every image inline."""
     from hemaseg import __version__
 
     esc = html.escape
-    who = ("patient ID as given (raw IDs were asked for)" if raw else
-           "a salted key of the patient ID (the ID itself is in no output)")
+    who = ("the patient ID as given (raw IDs were asked for)" if raw
+           else "a salted key of the patient ID (the ID itself is in no output)")
     parts = [f"<header><h1>Lesion follow-up: patient {esc(key)}</h1>",
-             f'<p class="muted">Patient named by {esc(who)}. Measured by hemaseg {esc(__version__)}: decision '
-             "support, not a diagnosis; check every outline.</p></header><main>",
-             '<section id="rules"><h2>Status rules</h2><div class="rule"><ul>'
-             + "".join(f"<li>{esc(line)}</li>" for line in rules.describe()) + "</ul></div>"
-             '<p class="muted">Volume = π/6 · L · W · H: L the longitudinal scan\'s longest diameter, W the '
-             "transverse scan's, H the larger of their thicknesses; only at visits with both planes in mm.</p>"
-             "</section>"]
+             (f'<p class="muted">Patient named by {esc(who)}. Measured by hemaseg {esc(__version__)}: '
+              "decision support, not a diagnosis; check every outline.</p></header><main>"),
+             ('<section id="rules"><h2>Status rules</h2><div class="rule"><ul>'
+              + "".join(f"<li>{esc(line)}</li>" for line in rules.describe()) + "</ul></div>"
+              + f'<p class="muted">{esc(VOLUME_TEXT)}</p></section>')]
     parts += [_lesion_html(*lesion) for lesion in lesions]
     if errors:
         parts.append('<section id="errors"><h2>Rows not tracked</h2><ul>'
-                     + "".join(f"<li>{esc(redact(str(e)))}</li>" for e in errors) + "</ul></section>")
+                     + "".join(f"<li>{esc(e)}</li>" for e in errors) + "</ul></section>")
     parts.append("</main>")
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -820,36 +889,6 @@ def _page(key: str, raw: bool, lesions: list[tuple[str, str, list[_Visit], str, 
 
 
 # -------------------------------------------------------------------------------------------- track
-
-
-def _group(rows: list[TableRow], errors: list[RowError]) -> dict[tuple, list[list[TableRow]]]:
-    """lesion id -> (axis, visits in time order, each a list of rows); rows that cannot be placed are errors."""
-    by_lesion: dict[tuple, list[TableRow]] = {}
-    for row in rows:
-        by_lesion.setdefault(row.lesion_id, []).append(row)
-    out = {}
-    for lid, lrows in by_lesion.items():
-        if all(r.age_weeks is not None for r in lrows):
-            axis = "age"
-        else:
-            axis = "date"
-            for r in [r for r in lrows if r.date is None]:
-                errors.append(RowError(r.line, "age_weeks without a date, while other visits of this lesion have "
-                                               "dates and no birth_date turns them into ages: give the date, or "
-                                               "the patient's birth_date", r.patient))
-            lrows = [r for r in lrows if r.date is not None]
-        visits: dict = {}
-        for r in lrows:
-            when = round(r.age_weeks, 4) if axis == "age" else r.date
-            same = visits.setdefault(when, [])
-            twin = next((o for o in same if o.plane == r.plane), None)
-            if twin is not None:
-                errors.append(RowError(r.line, f"the same lesion, visit and plane ({r.plane or 'not given'}) as line "
-                                               f"{twin.line}", r.patient))
-                continue
-            same.append(r)
-        out[lid] = (axis, [visits[k] for k in sorted(visits)])
-    return out
 
 
 def _clean(folder: Path, keep: set[Path], pattern: str) -> None:
@@ -866,102 +905,99 @@ def track(table_csv: str | os.PathLike, out_dir: str | os.PathLike, predictor: P
           mask_threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> TrackResult:
     """Follow every lesion of `table_csv` (see the module docstring) and write the outputs into `out_dir`.
 
-    `predictor` segments the rows without a mask (None: such rows are errors). `salt`: the key's salt
-    (None: OUT/salt.txt, created once). `raw_patient_id`: name patients by their ID instead of a key.
-    `mask_threshold` and `max_pixels` as for `hemaseg measure`. Bad rows become `errors` (and
-    errors.csv); a table without the required columns raises ValueError.
+    `predictor` (anything with `.predict(gray) -> .mask`, e.g. `load_model(run)`) segments the rows
+    without a mask; without one such rows are errors. `salt`: the key's salt (None: OUT/salt.txt, created
+    once). `raw_patient_id`: name patients by their ID instead of a key. `mask_threshold` and `max_pixels`
+    as for `hemaseg measure`. Bad rows become `errors` (and errors.csv); a table without the required
+    columns raises ValueError before anything is written.
     """
     if not isinstance(rules, TrackRules):
         raise TypeError(f"rules must be a TrackRules; got {type(rules).__name__}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out is a file, not a folder")
-    rows, errors = read_table(table_csv)  # before anything is written: a wrong table leaves no folder
+    rows, errors = read_table(table_csv)  # a wrong table leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "patients", out / "curves"):
         remove_stale_temps(folder)
     result = TrackResult(out_dir=out, rules=rules)
+    patients = list(dict.fromkeys([r.patient for r in rows] + [e.patient for e in errors if e.patient]))
     if raw_patient_id:
-        keys = {p: p for p in dict.fromkeys(r.patient for r in rows)}
+        keys = {p: p for p in patients}
     else:
         secret, result.salt_file = _resolve_salt(out, salt)
-        keys = {p: patient_key(p, secret) for p in dict.fromkeys(r.patient for r in rows)}
-        keys.update({e.patient: patient_key(e.patient, secret) for e in errors if e.patient})
-    ids = sorted((p for p in keys if len(p) >= 4 and not raw_patient_id), key=len, reverse=True)
+        keys = {p: patient_key(p, secret) for p in patients}
+    # a message that quotes a patient's ID (a path named after the patient) shows the key instead; IDs
+    # shorter than 4 characters would also match inside line numbers and figures
+    ids = [] if raw_patient_id else sorted((p for p in patients if len(p) >= 4), key=len, reverse=True)
 
     def redact(text: str) -> str:
-        """A path or message that holds a patient's ID shows its key instead."""
         for p in ids:
             text = text.replace(p, keys[p])
         return text
 
-    rows = _patient_facts(rows, errors)
-    grouped = _group(rows, errors)
+    grouped = _group(_patient_facts(rows, errors), errors)
     scans: dict[int, _Scan] = {}
-    for axis, visits in grouped.values():
-        for visit in visits:
-            for row in visit:
-                try:
-                    scans[row.line] = _measure(row, predictor, mask_threshold, max_pixels)
-                except RowError as e:
-                    errors.append(e)
-    for e in sorted(errors, key=lambda e: e.line):
-        log.warning("%s: skipped: %s", Path(table_csv).name, redact(str(e)))
+    for _, visits in grouped.values():
+        for row in (row for visit in visits for row in visit):
+            try:
+                scans[row.line] = _measure(row, predictor, mask_threshold, max_pixels)
+            except RowError as e:
+                errors.append(e)
+    errors.sort(key=lambda e: e.line)
+    for e in errors:
+        log.warning("%s: skipped %s", Path(table_csv).name, redact(str(e)))
 
     per_patient: dict[str, list] = {}
     for (patient, lesion, site), (axis, visit_rows) in grouped.items():
-        visits = [_Visit(tuple(r.line for r in v), [scans[r.line] for r in v if r.line in scans])
-                  for v in visit_rows]
+        visits = [_Visit(sorted((scans[r.line] for r in v if r.line in scans),
+                                key=lambda s: (s.row.plane, s.row.line))) for v in visit_rows]
         visits = [v for v in visits if v.scans]
-        if not visits:
-            continue
-        for v in visits:
-            v.scans.sort(key=lambda s: (s.row.plane, s.row.line))
-        _assess(visits, rules, axis)
-        for v in visits:
-            v.warnings = [redact(w) for w in v.warnings]
-            for s in v.scans:
-                s.warnings = [redact(w) for w in s.warnings]
-        per_patient.setdefault(patient, []).append((lesion, site, visits, axis))
+        if visits:
+            _assess(visits, rules, axis)
+            for v in visits:
+                v.warnings = [redact(w) for w in v.warnings]
+                for s in v.scans:
+                    s.warnings = [redact(w) for w in s.warnings]
+            per_patient.setdefault(patient, []).append((lesion, site, visits, axis))
 
-    written_pages, written_curves = set(), set()
-    used_names: set[str] = set()
+    pages, curves, names = set(), set(), set()
     for patient, lesions in per_patient.items():
         key = keys[patient]
         name = _slug(key)
-        while name in used_names:  # two raw IDs that differ only in characters a file name cannot hold
+        while name in names:  # two raw IDs that differ only in characters a file name cannot hold
             name += "_"
-        used_names.add(name)
+        names.add(name)
         page_lesions = []
         for lesion, site, visits, axis in sorted(lesions, key=lambda t: (t[0], t[1])):
             curve = _curve_png(visits, axis, f"Lesion {lesion} ({site})")
-            path = out / "curves" / f"{name}_{_slug(lesion)}_{_slug(site)}.png"
-            n = 1
-            while path in written_curves:
+            stem = f"{name}_{_slug(lesion)}_{_slug(site)}"
+            path, n = out / "curves" / f"{stem}.png", 1
+            while path in curves:
                 n += 1
-                path = out / "curves" / f"{name}_{_slug(lesion)}_{_slug(site)}_{n}.png"
+                path = out / "curves" / f"{stem}_{n}.png"
             atomic_write_bytes(path, curve)
-            written_curves.add(path)
+            curves.add(path)
             result.curves.append(path)
             page_lesions.append((lesion, site, visits, axis, curve))
             result.visits += [_visit_row(v, key) for v in visits]
         page = out / "patients" / f"{name}.html"
-        mine = [e for e in errors if e.patient == patient]
-        atomic_write_text(page, _page(key, raw_patient_id, page_lesions, rules, mine, redact))
-        written_pages.add(page)
+        mine = [redact(str(e)) for e in errors if e.patient == patient]
+        atomic_write_text(page, _page(key, raw_patient_id, page_lesions, rules, mine))
+        pages.add(page)
         result.pages.append(page)
 
     result.scans = [_scan_row(s, keys[s.row.patient]) for _, s in sorted(scans.items())]
-    result.errors = [{"line": e.line, "problem": redact(e.problem)} for e in sorted(errors, key=lambda e: e.line)]
+    result.errors = [{"line": e.line, "problem": redact(e.problem)} for e in errors]
     write_csv(out / "visits.csv", result.visits, VISIT_COLUMNS)
     write_csv(out / "scans.csv", result.scans, SCAN_COLUMNS)
-    atomic_write_text(out / "rules.txt", "\n".join(rules.describe()) + "\n")
+    atomic_write_text(out / "rules.txt", "\n".join([*rules.describe(), VOLUME_TEXT]) + "\n")
     if result.errors:
         write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
     elif (out / "errors.csv").is_file():
         (out / "errors.csv").unlink()  # a rerun that succeeded leaves no stale error list
-    _clean(out / "patients", written_pages, "*.html")
-    _clean(out / "curves", written_curves, "*.png")
-    log.info("tracked %d lesion(s) of %d patient(s) over %d visit(s); %d row(s) skipped", len(result.curves),
+    _clean(out / "patients", pages, "*.html")
+    _clean(out / "curves", curves, "*.png")
+    log.debug("tracked %d lesion(s) of %d patient(s) over %d visit(s); %d row(s) skipped", len(result.curves),
              len(per_patient), len(result.visits), len(result.errors))
     return result

@@ -57,7 +57,8 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
                 errors.append({"image": str(e.path), "code": e.code, "problem": e.problem})
         probs = predictor.predict_proba_batch([im for im, _ in pairs], batch_size, tta=tta)
         for s, (image, ref), prob in zip(chunk, pairs, probs):
-            row = score_image(s.name, prob, ref, predictor.to_mask(prob), predictor.threshold)
+            row = score_image(s.name, prob, ref, predictor.to_mask(prob), predictor.threshold,
+                              review_head=predictor.review_head)
             if keep_masks:
                 row.update(image=np.round(image * 255).astype(np.uint8), ref=ref, prob=prob.astype(np.float16))
             rows.append(row)
@@ -122,11 +123,14 @@ def write_evaluation(out_dir: str | Path, rows: list[dict], summary: dict, error
 
 
 def score_image(name: str, prob: np.ndarray, ref: np.ndarray, pred: np.ndarray, threshold: float,
-                spacing=None) -> dict:
+                spacing=None, review_head=None) -> dict:
     """One image's metrics row: `pred` is the final mask (threshold + postprocessing) made from `prob`
-    at `threshold`, so callers can rescore the same probabilities under another plan."""
+    at `threshold`, so callers can rescore the same probabilities under another plan. `confidence` is
+    the review head's score when given (a CV run's), else the margin rule; both rules stay beside it."""
+    rule = confidence(prob, threshold)
+    conf = rule if review_head is None else review_head.score(prob, pred, threshold)
     return {"name": name, **per_image_metrics(pred, ref, spacing), "height": ref.shape[0], "width": ref.shape[1],
-            "confidence": round(confidence(prob, threshold), 4),
+            "confidence": round(conf, 4), "confidence_rule": round(rule, 4),
             "confidence_entropy": round(entropy_confidence(prob, threshold), 4),
             "max_prob": round(float(np.max(prob)) if np.size(prob) else 0.0, 4), "pred": pred}
 

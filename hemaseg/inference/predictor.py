@@ -23,6 +23,7 @@ from hemaseg.data.transforms import Letterbox, preprocess, unletterbox
 from hemaseg.device import select_device
 from hemaseg.inference.backends import Backend, choose_backend, make_backend
 from hemaseg.inference.postprocess import PostprocessPlan, apply_plan, confidence
+from hemaseg.inference.review import ReviewHead
 from hemaseg.measure.lesions import count_lesions
 from hemaseg.models.checkpoint import load_weights, resolve_checkpoint
 from hemaseg.models.pretrained import resolve_model
@@ -58,6 +59,7 @@ class Prediction:
     prob: np.ndarray  # float32 HxW in [0, 1]
     mask: np.ndarray  # bool HxW, after the threshold and the run's postprocessing
     threshold: float = 0.5
+    review_head: ReviewHead | None = None  # a CV run's learned confidence (inference.review)
 
     @property
     def area_px(self) -> int:
@@ -69,6 +71,10 @@ class Prediction:
 
     @property
     def confidence(self) -> float:
+        """0..1: a CV run's review head (the estimated probability that this answer is acceptable),
+        else the margin rule (`postprocess.confidence`)."""
+        if self.review_head is not None:
+            return self.review_head.score(self.prob, self.mask, self.threshold)
         return confidence(self.prob, self.threshold)
 
 
@@ -116,6 +122,7 @@ class Predictor:
         self.tta = tta
         self.plan = plan or PostprocessPlan()
         self.review_threshold: float | None = None  # confidence at or below which a case needs review
+        self.review_head: ReviewHead | None = None  # learned out of fold by `hemaseg cv` (confidence.json)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -143,7 +150,10 @@ class Predictor:
             plan = PostprocessPlan.load(run_dir / "postprocessing.json")
         predictor = cls([m for m, _, _ in loaded], config, device, threshold, meta, tta, plan, backend)
         if (run_dir / "confidence.json").is_file():
-            predictor.review_threshold = json.loads((run_dir / "confidence.json").read_text()).get("threshold")
+            review = json.loads((run_dir / "confidence.json").read_text())
+            predictor.review_threshold = review.get("threshold")
+            if review.get("head"):
+                predictor.review_head = ReviewHead.from_dict(review["head"])
         return predictor
 
     @property
@@ -178,7 +188,7 @@ class Predictor:
 
     def prediction(self, prob: np.ndarray, threshold: float | None = None) -> Prediction:
         thr = self.threshold if threshold is None else threshold
-        return Prediction(prob, self.to_mask(prob, thr), thr)
+        return Prediction(prob, self.to_mask(prob, thr), thr, self.review_head)
 
     def needs_review(self, conf: float) -> bool:
         """Flag a case whose confidence is at or below the run's review threshold, chosen out of fold by

@@ -38,6 +38,7 @@ from hemaseg.evaluation.evaluate import (
 )
 from hemaseg.inference.postprocess import decide_plan
 from hemaseg.inference.predictor import FOLD_WEIGHTS, load_model
+from hemaseg.inference.review import ReviewHead, review_features
 from hemaseg.io import atomic_write_text, json_safe, save_png
 from hemaseg.training.train import fit
 
@@ -85,6 +86,29 @@ def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarr
     result.update(review_figures(conf, failed, missed,
                                  None if result["threshold"] is None else conf <= result["threshold"]))
     return result
+
+
+def fit_review(rows: list[dict], failed: np.ndarray, dice: np.ndarray, missed: np.ndarray, n_folds: int,
+               threshold: float) -> dict:
+    """The needs-review decision for a CV run (confidence.json): the learned review head
+    (`inference.review`) when it can be fitted, else the margin rule, each with its threshold chosen on
+    out-of-fold scores (Youden's J). The head's scores here are honest: each fold's scans are scored by a
+    head fitted on the other folds; the head stored for predict is then fitted on every row. Rewrites
+    each row's `confidence` to the score the threshold applies to (`confidence_rule` keeps the rule's)."""
+    rule = choose_review_threshold(np.array([r["confidence_rule"] for r in rows]), failed, dice, missed)
+    x = np.stack([review_features(r["prob"], r["pred"], threshold) for r in rows])
+    fold = np.array([r["fold"] for r in rows])
+    scores = np.full(len(rows), np.nan)
+    for k in range(n_folds):
+        head_k = ReviewHead.fit(x[fold != k], ~failed[fold != k])
+        if head_k is None:
+            return {**rule, "method": "rule (too few out-of-fold scans or failures to fit a review head)"}
+        scores[fold == k] = head_k.score_features(x[fold == k])
+    head = ReviewHead.fit(x, ~failed)
+    for r, score in zip(rows, scores):
+        r["confidence"] = round(float(score), 4)
+    review = choose_review_threshold(np.round(scores, 4), failed, dice, missed)
+    return {**review, "method": "review head (scores out of fold)", "head": head.to_dict(), "rule": rule}
 
 
 def _train_fold(cfg: RunConfig, fold_dir: Path, split: dict, resume: bool, progress: bool,
@@ -171,12 +195,12 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
     for name in list(variants):
         variants[f"{name}+pp"] = [
             {**score_image(r["name"], r["prob"], r["ref"], predictor.to_mask(r["prob"], plan=plan), threshold),
-             "fold": r["fold"], "image": r["image"], "ref": r["ref"]} for r in variants[name]]
+             "fold": r["fold"], "image": r["image"], "ref": r["ref"], "prob": r["prob"]} for r in variants[name]]
     final = variants[f"{base}+pp"]
 
     failed, missed = failures(final)
     dice = np.array([r["dice"] for r in final], np.float64)
-    review = choose_review_threshold(np.array([r["confidence"] for r in final]), failed, dice, missed)
+    review = fit_review(final, failed, dice, missed, len(split), threshold)
     # the confidence before empty predictions counted (side by side, its own threshold chosen the same way)
     review["entropy_confidence"] = choose_review_threshold(
         np.array([r["confidence_entropy"] for r in final]), failed, dice, missed)

@@ -1,0 +1,84 @@
+"""The learned review head: fitted out of fold by `hemaseg cv`, stored in confidence.json, used as the
+confidence of a CV run's predictions; it must flag a missed lesion the data taught it to distrust."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hemaseg.evaluation.evaluate import failures
+from hemaseg.inference.review import REVIEW_FEATURES, ReviewHead, review_features
+from hemaseg.training.cv import fit_review
+
+
+def blob(peak: float, size: int = 32, r: int = 6) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return (peak * np.exp(-((xx - 16) ** 2 + (yy - 16) ** 2) / (2 * r ** 2))).astype(np.float32)
+
+
+def case(kind: str, rng) -> dict:
+    """A scored row like cv's: a sure hit, a correct empty scan, or a near miss (peak below threshold)."""
+    ref = np.zeros((32, 32), bool)
+    if kind == "hit":
+        prob, ref = blob(rng.uniform(0.9, 1.0)), blob(1.0) >= 0.5
+    elif kind == "empty":
+        prob = blob(rng.uniform(0.0, 0.15))
+    else:  # a lesion the model saw faintly and did not outline
+        prob, ref = blob(rng.uniform(0.3, 0.48)), blob(1.0) >= 0.5
+    pred = prob >= 0.5
+    inter, total = (pred & ref).sum(), pred.sum() + ref.sum()
+    dice = 2 * inter / total if total else float("nan")
+    from hemaseg.inference.postprocess import confidence
+
+    return {"prob": prob, "pred": pred, "ref_area_px": int(ref.sum()), "pred_area_px": int(pred.sum()),
+            "dice": dice, "confidence_rule": confidence(prob), "confidence": confidence(prob)}
+
+
+def rows_for(n_per_kind: int = 12, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = [case(kind, rng) for kind in ("hit", "empty", "miss") for _ in range(n_per_kind)]
+    for i, r in enumerate(rows):
+        r["fold"] = i % 3
+    return rows
+
+
+def test_features_describe_the_answer():
+    x = review_features(blob(0.4), blob(0.4) >= 0.5)
+    assert len(x) == len(REVIEW_FEATURES) and x[2] == pytest.approx(0.4, abs=1e-6) and x[4] == 0.0
+    assert review_features(blob(0.95), blob(0.95) >= 0.5)[4] == 1.0
+
+
+def test_cv_fits_the_head_out_of_fold_and_it_flags_the_misses():
+    rows = rows_for()
+    failed, missed = failures(rows)
+    assert missed.sum() == 12
+    review = fit_review(rows, failed, np.array([r["dice"] for r in rows], float), missed, 3, 0.5)
+    assert review["method"].startswith("review head") and review["head"]["features"] == list(REVIEW_FEATURES)
+    flagged = np.array([r["confidence"] for r in rows]) <= review["threshold"]
+    assert flagged[missed].all() and not flagged[~failed].any()  # every miss, no good answer
+    assert review["auroc"] > review["rule"]["auroc"] - 1e-9
+    head = ReviewHead.from_dict(json.loads(json.dumps(review["head"])))
+    miss = rows[-1]
+    assert head.score(miss["prob"], miss["pred"]) <= review["threshold"]
+
+
+def test_too_few_scans_keep_the_rule():
+    rows = rows_for(n_per_kind=2)
+    failed, missed = failures(rows)
+    review = fit_review(rows, failed, np.array([r["dice"] for r in rows], float), missed, 3, 0.5)
+    assert review["method"].startswith("rule") and "head" not in review
+
+
+def test_a_cv_runs_predictor_reports_the_heads_confidence(tiny_run, tmp_path):
+    import shutil
+
+    from hemaseg.inference.predictor import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    head = ReviewHead((0.0, 0.0, 0.0, 0.0, -3.0), 1.0)  # anything found: low confidence
+    (run / "confidence.json").write_text(json.dumps({"threshold": 0.5, "head": head.to_dict()}))
+    predictor = load_model(run, device="cpu")
+    pred = predictor.prediction(blob(0.95))
+    assert pred.confidence == pytest.approx(1 / (1 + np.exp(2.0))) and predictor.needs_review(pred.confidence)
+    assert predictor.prediction(blob(0.1)).confidence == pytest.approx(1 / (1 + np.exp(-1.0)))

@@ -26,7 +26,7 @@ EXIT_CODES = {
     130: "interrupted (Ctrl-C); finished outputs are kept and a training run can be resumed",
 }
 #: Python setting names whose flag is not --name-with-dashes
-FLAG_OF = {"groups_file": "--groups", "arch": "--model", "augment": "--no-augment"}
+FLAG_OF = {"groups_file": "--groups", "arch": "--model", "augment": "--no-augment", "labels": "--label"}
 
 
 def flag(key: str) -> str:
@@ -95,10 +95,17 @@ def _model_label(run: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.suffix == ".pt" else p.name
 
 
+def _add_label_flag(p) -> None:
+    p.add_argument("--label", dest="labels", action="append", metavar="NAME",
+                   help="nnU-Net, LabelMe, CVAT and COCO data: a label that counts as lesion; repeat for several, "
+                        "merged into one (default: the one foreground label, or all of them merged)")
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-threshold", type=float, default=None, metavar="F",
                    help="binarise non-binary masks at F x the mask dtype's maximum (e.g. 0.5); "
                         "without it a mask must hold exactly two values")
+    _add_label_flag(p)
     _add_max_pixels_flag(p)
 
 
@@ -144,6 +151,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="CSV of image name + group (group/dup_group/patient column): a group never spans "
                         "train and val (default: DATA/manifest.csv when it has such a column)")
     g.add_argument("--mask-threshold", type=float, metavar="F", help="binarise non-binary masks at F x dtype max")
+    _add_label_flag(g)
     _add_max_pixels_flag(g)
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="arch", choices=list(ARCHS),
@@ -229,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the mixture already in OUT")
 
     p = sub.add_parser("check", help="check a dataset folder and list every problem",
-                       description="Count and measure DATA (images/ + mask/ or masks/) and report every problem "
-                                   "as one line naming the file. Exit status 1 when problems were found.")
-    p.add_argument("data", help="dataset folder")
+                       description="Count and measure DATA (images/ + mask/ or masks/, or an nnU-Net, LabelMe, CVAT "
+                                   "or COCO dataset, detected from its contents) and report every problem as one "
+                                   "line naming the file. Exit status 1 when problems were found.")
+    p.add_argument("data", help="dataset folder (or a COCO .json / CVAT .xml file)")
     _add_data_flags(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -274,10 +283,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
+    p.add_argument("--format", choices=["png", "labelme"], default="png",
+                   help="png: masks, overlays and CSVs in --out (default); labelme: also NAME.json beside each "
+                        "scan, each lesion's outline as a LabelMe polygon (imageData null) to correct in LabelMe "
+                        "and train on; an existing NAME.json is never overwritten")
+    p.add_argument("--tolerance", type=float, metavar="PX",
+                   help="with --format labelme: simplify the outlines so that every traced border point stays "
+                        "within PX pixels of the polygon (default 1; 0 keeps every corner of the traced outline)")
     _add_measure_flags(p)
     _add_dicom_out_flags(p)
     _add_max_pixels_flag(p)
     _add_inference_flags(p)
+
+    p = sub.add_parser("convert", help="write a dataset in another format: nnU-Net, COCO, CVAT, LabelMe, folder",
+                       description="Read DATA (any format check reads) and write it to the new folder OUT as --to: "
+                                   "nnunet (dataset.json, imagesTr/NAME_0000.png, labelsTr/NAME.png), coco "
+                                   "(images/ + annotations.json, RLE), cvat (images/ + annotations.xml, CVAT for "
+                                   "images 1.1 masks), labelme (NAME.png + NAME.json polygons) or folder (images/ + "
+                                   "mask/). Masks round-trip exactly through nnunet, coco, cvat and folder; LabelMe "
+                                   "polygons follow the outline within --tolerance. Scan names, manifest.csv and "
+                                   "licence files are kept. OUT appears only when complete.")
+    p.add_argument("data", help="dataset folder (or a COCO .json / CVAT .xml file)")
+    p.add_argument("out", help="folder to write (new or empty, unless --overwrite); for nnU-Net name it "
+                               "DatasetNNN_Name inside nnUNet_raw")
+    p.add_argument("--to", required=True, choices=["nnunet", "coco", "cvat", "labelme", "folder"],
+                   help="the format to write")
+    p.add_argument("--folds", metavar="JSON",
+                   help="with --to nnunet: hemaseg's folds (RUN/folds.json of hemaseg cv, or a run's splits.json) "
+                        "written as OUT/splits_final.json, for nnU-Net to train on the same folds")
+    p.add_argument("--tolerance", type=float, default=1.0, metavar="PX",
+                   help="with --to labelme: outline tolerance in pixels (default 1; 0 = exact, holes filled)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+    _add_label_flag(p)
+    _add_max_pixels_flag(p)
 
     p = sub.add_parser("measure", help="lesion size in mm: of predicted outlines, or of masks you have",
                        description="Per lesion and per scan: area, longest diameter, the diameter perpendicular "
@@ -469,7 +507,7 @@ def cmd_check(args) -> int:
     from hemaseg.data.dataset import check_dataset
 
     report = check_dataset(args.data, mask_threshold=args.mask_threshold, progress=not args.quiet,
-                           max_pixels=args.max_pixels or DataConfig.max_pixels)
+                           max_pixels=args.max_pixels or DataConfig.max_pixels, labels=args.labels)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -525,9 +563,11 @@ def cmd_evaluate(args) -> int:
     predictor = _load(args)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir / "eval"
+    # the run's own lesion labels unless --label says otherwise: score what the model was trained to find
+    labels = args.labels or predictor.config.data.labels
     result = evaluate(predictor, args.data, out, names=names, mask_threshold=args.mask_threshold,
                       progress=not args.quiet, keep_masks=True, fail_fast=args.fail_fast,
-                      max_pixels=args.max_pixels or DataConfig.max_pixels)
+                      max_pixels=args.max_pixels or DataConfig.max_pixels, labels=labels)
     report = write_report(out / "report.html", f"Evaluation of {run_dir} on {args.data} ({args.split})",
                           result["rows"], result["summary"], run_dir=run_dir)
     print(f"evaluation of {predictor.metadata['checkpoint']} on {args.data} ({args.split}; backend "
@@ -549,16 +589,24 @@ def cmd_predict(args) -> int:
 
     if not resolve_model(args.run).exists():
         raise FileNotFoundError(f"{args.run}: no such run folder or checkpoint")
+    labelme = getattr(args, "format", "png") == "labelme"  # `measure RUN ...` comes here without --format
+    if getattr(args, "tolerance", None) is not None and not labelme:
+        raise ValueError("--tolerance simplifies LabelMe outlines: it goes with --format labelme")
+    tolerance = (1.0 if args.tolerance is None else args.tolerance) if labelme else None
     files = collect_inputs(args.inputs)  # a wrong argument fails before the model loads and --out exists
     predictor = _load(args)
     result = predict_files(predictor, files, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
                            progress=not args.quiet, fail_fast=args.fail_fast,
                            max_pixels=args.max_pixels or DataConfig.max_pixels,
                            pixel_spacing=args.pixel_spacing, frame=args.frame, dicom_sr=args.dicom_sr,
-                           dicom_seg=args.dicom_seg, model_name=_model_label(args.run))
+                           dicom_seg=args.dicom_seg, model_name=_model_label(args.run), labelme_tolerance=tolerance)
     found = sum(r["n_lesions"] > 0 for r in result.rows)
     print(f"segmented {len(result.rows)} image(s), {found} with a lesion (backend {predictor.backend}); masks, "
           f"overlays, predictions.csv and lesions.csv in {args.out}")
+    if labelme:
+        print(f"LabelMe outlines (tolerance {tolerance:g} px) written beside {len(result.labelme)} scan(s)"
+              + (f"; {len(result.labelme_kept)} existing NAME.json kept (they may hold corrections)"
+                 if result.labelme_kept else "") + "; correct them in LabelMe, then: hemaseg train FOLDER")
     if result.errors:
         print(f"{len(result.errors)} image(s) could not be read and were skipped: {Path(args.out) / 'errors.csv'}",
               file=sys.stderr)
@@ -613,6 +661,19 @@ def cmd_track(args) -> int:
         print(f"{len(result.errors)} row(s) could not be tracked and were skipped: {Path(args.out) / 'errors.csv'}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from hemaseg.config import DataConfig
+    from hemaseg.data.convert import convert
+
+    result = convert(args.data, args.to, args.out, labels=args.labels, folds=args.folds, tolerance=args.tolerance,
+                     overwrite=args.overwrite, max_pixels=args.max_pixels or DataConfig.max_pixels,
+                     progress=not args.quiet)
+    print(f"wrote {result.n_cases} scan(s) with {result.n_lesions} lesion(s) as {result.format} to {result.out}"
+          + (f"; nnU-Net folds in {result.splits} (copy it to nnUNet_preprocessed/{result.out.name}/ after "
+             "nnUNetv2_plan_and_preprocess)" if result.splits else ""))
     return 0
 
 
@@ -700,7 +761,8 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"synth": cmd_synth, "mix": cmd_mix, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
             "predict": cmd_predict, "measure": cmd_measure, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
-            "export": cmd_export, "serve": cmd_serve, "track": cmd_track}
+            "export": cmd_export, "serve": cmd_serve, "track": cmd_track,
+            "convert": cmd_convert}
 
 
 def _os_error(e: BaseException) -> OSError | None:

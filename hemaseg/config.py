@@ -82,6 +82,7 @@ class DataConfig:
     split_file: str | None = None
     groups_file: str | None = None
     mask_threshold: float | None = None
+    labels: tuple[str, ...] | None = None  # annotation datasets (data.formats): the lesion labels; None: all
     max_pixels: int = 50_000_000  # a scan larger than this is refused from its header (decompression bombs)
 
     def __post_init__(self) -> None:
@@ -94,6 +95,8 @@ class DataConfig:
             raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
         if self.mask_threshold is not None and not 0 < self.mask_threshold <= 1:
             raise ConfigError("mask_threshold", f"must be a fraction in (0, 1], got {self.mask_threshold}")
+        if self.labels is not None and (not self.labels or not all(isinstance(n, str) and n for n in self.labels)):
+            raise ConfigError("labels", f"must name at least one label, e.g. lesion; got {self.labels!r}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,10 @@ class TrainConfig:
 
     `ema_decay` > 0 keeps an exponential moving average of the weights (updated after every step, its
     decay warmed up as (1 + step) / (10 + step) so a short fine-tune is not dominated by the start); the
-    average is what validation scores and what the checkpoints hold for inference."""
+    average is what validation scores and what the checkpoints hold for inference.
+
+    Under torchrun `batch_size` is per process: the global batch is world size x batch_size, and
+    `budget_images` counts the images of all processes (training/distributed.py)."""
 
     epochs: int = 100
     batch_size: int = 4
@@ -177,6 +183,7 @@ class TrainConfig:
     checkpoint_every_s: float = 60.0  # a crash loses at most one epoch or about this much training (train.py)
     init: str = "none"  # where the weights start (INITS)
     encoder_lr_scale: float = 0.1  # a pretrained encoder learns at this fraction of lr (its features are good)
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch (distributed.py)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_s < 0:

@@ -11,7 +11,8 @@ from PIL import Image
 from hemaseg.cli import build_parser, main
 from hemaseg.config import BACKENDS
 
-COMMANDS = ["synth", "mix", "check", "train", "evaluate", "predict", "cv", "report", "export", "serve", "demo"]
+COMMANDS = ["synth", "mix", "check", "train", "evaluate", "predict", "measure", "track", "convert", "cv", "report",
+            "export", "serve", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -4,6 +4,12 @@ A dataset is a folder ``root/`` holding ``images/`` and ``mask/`` (or ``masks/``
 by file stem: ``mask/12.png`` or ``mask/12_mask.png`` for ``images/12.jpg``; several
 ``12_mask_1.png``, ``12_mask_2.png`` are merged with OR (the original BUSI layout).
 
+DATA may instead be an nnU-Net v2 raw folder, LabelMe JSON beside the images, a CVAT for images 1.1 XML or
+a COCO JSON (`formats`, detected from the folder's contents). Their scans are Samples with an
+`Annotation` instead of mask files; `load_sample`, `load_dataset` and `check_dataset` turn it into a mask
+through `formats.read_annotation`, so every command sees the same masks, and the annotation file's bytes
+feed the fingerprint like mask files do.
+
 Every problem with a file is a :class:`DataError` whose message starts with the file's path, so a
 user can go straight to the file. Arrays are 2-D: images float32 HxW in [0, 1], masks bool HxW.
 """
@@ -24,17 +30,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from hemaseg.io import atomic_write_text
+from hemaseg.io import atomic_write_text, save_png
 from hemaseg.config import DatasetStats
 from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, decode_image, open_image, read_image
+
+if TYPE_CHECKING:
+    from hemaseg.data.formats import Annotation
 
 logger = logging.getLogger(__name__)
 
 MASK_DIR_NAMES = ("mask", "masks")
+SUSPECT = "suspect"  # DataError.code of a problem `check` reports but reading accepts (formats: a polygon
+# that crosses itself, a shape reaching outside its image, a miscounted numTraining)
 NAME_COLUMNS = ("name", "image", "filename")
 GROUP_COLUMNS = ("group", "dup_group", "patient")
 MANIFEST_GROUP_COLUMNS = ("group", "dup_group", "patient")
@@ -46,11 +58,13 @@ _MAX_LISTED_VALUES = 6
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and its mask file(s); several masks are merged with OR."""
+    """One image and its mask file(s), merged with OR; or, for the annotation formats (`formats`), one
+    image and the `Annotation` its mask is drawn from (then `mask_paths` is empty)."""
 
     name: str  # file stem of the image, e.g. "12" or "benign_0001"
     image_path: Path
-    mask_paths: tuple[Path, ...]
+    mask_paths: tuple[Path, ...] = ()
+    annotation: Annotation | None = None
 
 
 def natural_key(text: str) -> tuple:
@@ -82,7 +96,7 @@ def find_dataset_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
     return images_dir, found[0]
 
 
-def _list_images(folder: Path, broken: dict[Path, DataError] | None = None) -> list[Path]:
+def list_images(folder: Path, broken: dict[Path, DataError] | None = None) -> list[Path]:
     """Supported image files (any suffix case), skipping hidden files such as macOS ``._12.png``.
 
     A symbolic link that leads nowhere (dangling, or a loop) is listed too, with its problem put in
@@ -120,14 +134,31 @@ class _Pairing:
     samples: list[Sample]
     problems: list[DataError]
     n_images: int
-    n_masks: int
+    n_masks: int  # mask files, or annotation files / annotated entries (formats.Found.n_annotations)
+    format: str = "folder"
+    lesion_labels: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
 
 
-def _pair(root: str | os.PathLike) -> _Pairing:
-    """Pair images with masks and collect every pairing problem instead of stopping at the first."""
+def _pair(root: str | os.PathLike, labels: Sequence[str] | None = None) -> _Pairing:
+    """Pair images with masks (or annotations) and collect every pairing problem instead of stopping at the
+    first. `labels`: which labels count as lesion, for the annotation formats only."""
+    from hemaseg.data import formats
+
+    detected = formats.detect_format(root)
+    if detected.format != "folder":
+        found = formats.find_cases(detected, labels)
+        samples = [Sample(name, image, annotation=ann) for name, image, ann in found.cases]
+        samples.sort(key=lambda s: natural_key(s.name))
+        problems = sorted(found.problems, key=lambda e: natural_key(str(e.path)))
+        return _Pairing(samples, problems, found.n_images, found.n_annotations, found.format,
+                        found.lesion_labels, found.notes)
+    if labels:
+        raise DataError(root, "--label picks labels of nnU-Net, LabelMe, CVAT or COCO annotations; this is an "
+                              "images/ + mask/ dataset, whose masks have one label")
     images_dir, masks_dir = find_dataset_dirs(root)
     broken: dict[Path, DataError] = {}  # links that lead nowhere: paired like files, never made samples
-    images, masks = _list_images(images_dir, broken), _list_images(masks_dir, broken)
+    images, masks = list_images(images_dir, broken), list_images(masks_dir, broken)
     problems: list[DataError] = list(broken.values())
     supported = " ".join(IMAGE_SUFFIXES)
     if not images:
@@ -181,20 +212,22 @@ def _pair(root: str | os.PathLike) -> _Pairing:
     return _Pairing(samples, problems, len(images), len(masks))
 
 
-def find_samples(root: str | os.PathLike, strict: bool = True) -> list[Sample]:
+def find_samples(root: str | os.PathLike, strict: bool = True, labels: Sequence[str] | None = None) -> list[Sample]:
     """Image/mask pairs under root, paired by file stem and sorted naturally (2 before 10).
 
     Supports PNG, JPEG, BMP and TIFF (.png .jpg .jpeg .bmp .tif .tiff, any case). A mask is named like
     its image (``mask/12.png`` for ``images/12.jpg``), or ``12_mask.png``, or several ``12_mask_1.png``,
     ``12_mask_2.png`` that are merged. ``strict`` raises :class:`DataError` for the first pairing problem
     (image without mask, mask without image, empty folder); otherwise only the good pairs come back and
-    :func:`check_dataset` reports the rest.
+    :func:`check_dataset` reports the rest. `root` may also be an annotation dataset (`formats`);
+    `labels` then names the labels that count as lesion (default: every foreground label).
     """
-    pairing = _pair(root)
-    if strict and pairing.problems:
-        raise pairing.problems[0]
+    pairing = _pair(root, labels)
+    fatal = [p for p in pairing.problems if p.code != SUSPECT]
+    if strict and fatal:
+        raise fatal[0]
     for problem in pairing.problems:
-        logger.warning("skipped: %s", problem)
+        logger.warning("%s%s", "" if problem.code == SUSPECT else "skipped: ", problem)
     return pairing.samples
 
 
@@ -296,12 +329,25 @@ def _size_mismatch(mask_path: Path, mask_shape: tuple, image_path: Path, image_s
     return DataError(mask_path, problem)
 
 
+def _check_annotated(sample: Sample, mask_threshold: float | None) -> None:
+    if mask_threshold is not None and sample.annotation is not None:
+        raise DataError(sample.annotation.path, f"--mask-threshold binarises mask images; this is a "
+                                                f"{sample.annotation.format} annotation, whose masks are drawn "
+                                                "from outlines or labels: drop it")
+
+
 def load_sample(
     sample: Sample, mask_threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(image float32 HxW in [0, 1], mask bool HxW)``; several masks are merged with OR."""
+    """``(image float32 HxW in [0, 1], mask bool HxW)``; several masks are merged with OR, an annotation is
+    rasterised by `formats.read_annotation`."""
     _check_threshold(mask_threshold)
+    _check_annotated(sample, mask_threshold)
     image = read_image(sample.image_path, max_pixels)
+    if sample.annotation is not None:
+        from hemaseg.data.formats import annotation_mask
+
+        return image, annotation_mask(sample.annotation, image.shape, max_pixels=max_pixels)
     mask = np.zeros(image.shape, dtype=bool)
     for mask_path in sample.mask_paths:
         m = read_mask(mask_path, mask_threshold, max_pixels)
@@ -329,6 +375,10 @@ class CheckReport:
     lesion_fraction_max: float
     n_empty_masks: int
     problems: list[DataError] = field(default_factory=list)
+    format_name: str = "folder"  # formats.FORMATS key: folder, nnunet, labelme, cvat, coco
+    lesion_labels: tuple[str, ...] = ()  # annotation formats: the labels counted as lesion
+    label_counts: dict[str, int] = field(default_factory=dict)  # label -> shapes (nnU-Net: cases) with it
+    notes: list[str] = field(default_factory=list)  # what the format's reader wants the user to know
 
     @property
     def ok(self) -> bool:
@@ -336,10 +386,18 @@ class CheckReport:
 
     def format(self) -> str:
         """Human-readable summary, then one ``ERROR path: problem`` line per problem."""
-        lines = [
-            f"dataset {self.root}",
-            f"  images {self.n_images}, masks {self.n_masks}, pairs {self.n_pairs}",
-        ]
+        lines = [f"dataset {self.root}"]
+        if self.format_name == "folder":
+            lines.append(f"  images {self.n_images}, masks {self.n_masks}, pairs {self.n_pairs}")
+        else:
+            from hemaseg.data.formats import FORMATS
+
+            unit = "cases" if self.format_name == "nnunet" else "shapes"
+            lines += [f"  format {self.format_name}: {FORMATS[self.format_name]}",
+                      f"  images {self.n_images}, annotated {self.n_masks}, pairs {self.n_pairs}",
+                      f"  labels ({unit}): " + (", ".join(f"{k} {v}" for k, v in self.label_counts.items()) or "none")
+                      + f"; counted as lesion: {', '.join(self.lesion_labels) or 'none'}"]
+            lines += [f"  note: {n}" for n in self.notes]
         if self.sizes:
             common = sorted(self.sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
             widths = [w for w, _ in self.sizes]
@@ -384,7 +442,11 @@ class CheckReport:
             "lesion_fraction_min": num(self.lesion_fraction_min),
             "lesion_fraction_max": num(self.lesion_fraction_max),
             "n_empty_masks": self.n_empty_masks,
-            "problems": [{"path": str(p.path), "problem": p.problem} for p in self.problems],
+            "format": self.format_name,
+            "lesion_labels": list(self.lesion_labels),
+            "label_counts": dict(self.label_counts),
+            "notes": list(self.notes),
+            "problems": [{"path": str(p.path), "problem": p.problem, "code": p.code} for p in self.problems],
         }
 
 
@@ -394,6 +456,7 @@ class _SampleCheck:
     mask_values: list[tuple] = field(default_factory=list)
     lesion_fraction: float | None = None
     problems: list[DataError] = field(default_factory=list)
+    label_counts: Counter = field(default_factory=Counter)
 
 
 def _check_sample(sample: Sample, mask_threshold: float | None, max_pixels: int | None) -> _SampleCheck:
@@ -405,6 +468,18 @@ def _check_sample(sample: Sample, mask_threshold: float | None, max_pixels: int 
         out.size = (image.shape[1], image.shape[0])
     except DataError as e:
         out.problems.append(e)
+    if sample.annotation is not None:
+        if image is not None:
+            from hemaseg.data.formats import read_annotation
+
+            read = read_annotation(sample.annotation, image.shape, max_pixels=max_pixels)
+            out.problems += read.problems
+            out.label_counts = read.label_counts
+            if read.values is not None:
+                out.mask_values.append(read.values)
+            if read.mask is not None:
+                out.lesion_fraction = float(read.mask.mean())
+        return out
     merged: np.ndarray | None = None if image is None else np.zeros(image.shape, dtype=bool)
     for mask_path in sample.mask_paths:
         try:
@@ -430,6 +505,7 @@ def check_dataset(
     max_pixels: int | None = MAX_PIXELS_DEFAULT,
     progress: bool = False,
     workers: int = 4,
+    labels: Sequence[str] | None = None,
 ) -> CheckReport:
     """Read every pair and report every problem, rather than stopping at the first.
 
@@ -437,12 +513,19 @@ def check_dataset(
     size != image size, non-binary mask values (unless ``mask_threshold``), empty folders and images
     larger than ``max_pixels``. A missing images/ or mask/ folder still raises :class:`DataError`.
     ``workers`` threads decode in parallel (PIL releases the GIL while decoding); results keep file order.
+
+    An annotation dataset (`formats`) is checked the same way, with its own problems: files that are not
+    valid JSON/XML, missing images, images without annotations, unknown labels, polygons with fewer than
+    3 points, open or self-intersecting polygons, shapes outside the image; `labels` as for `find_samples`.
     """
     _check_threshold(mask_threshold)
-    pairing = _pair(root)
+    pairing = _pair(root, labels)
+    if mask_threshold is not None and pairing.format != "folder":
+        raise DataError(root, f"--mask-threshold binarises mask images; this is a {pairing.format} dataset: drop it")
     problems = list(pairing.problems)
     sizes: Counter[tuple[int, int]] = Counter()
     mask_values: Counter[tuple] = Counter()
+    label_counts: Counter[str] = Counter()
     fractions: list[float] = []
 
     def check(sample: Sample) -> _SampleCheck:
@@ -457,6 +540,7 @@ def check_dataset(
             if result.size is not None:
                 sizes[result.size] += 1
             mask_values.update(result.mask_values)
+            label_counts.update(result.label_counts)
             if result.lesion_fraction is not None:
                 fractions.append(result.lesion_fraction)
             problems.extend(result.problems)
@@ -473,6 +557,10 @@ def check_dataset(
         lesion_fraction_max=max(fractions) if fractions else nan,
         n_empty_masks=sum(f == 0.0 for f in fractions),
         problems=problems,
+        format_name=pairing.format,
+        lesion_labels=pairing.lesion_labels,
+        label_counts=dict(sorted(label_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        notes=list(pairing.notes),
     )
 
 
@@ -490,17 +578,43 @@ class _Fingerprint:
         self.h.update(f"file\0{path.parent.name}/{path.name}\0".encode())
         self.h.update(data)
 
+    def add_annotation(self, ann: Annotation) -> None:
+        """What is read from the annotation file, besides its bytes: which entry, which labels are lesion."""
+        self.h.update(f"annotation\0{ann.format}\0{ann.key}\0{'|'.join(ann.labels)}\0{ann.values}\0{ann.declared}\0"
+                      .encode())
+
     def hexdigest(self) -> str:
         return self.h.hexdigest()[:16]
 
 
+def _annotation_bytes(fp: _Fingerprint, ann: Annotation, shared: dict[Path, bytes]) -> bytes:
+    """The annotation file's bytes, fingerprinted: a file of one scan with that scan, a file of many
+    (CVAT, COCO) once, after all scans (`_finish_shared`), however many scans it annotates."""
+    fp.add_annotation(ann)
+    if not ann.shared:
+        data = _read_bytes(ann.path)
+        fp.add_file(ann.path, data)
+        return data
+    if ann.path not in shared:
+        shared[ann.path] = _read_bytes(ann.path)
+    return shared[ann.path]
+
+
+def _finish_shared(fp: _Fingerprint, shared: dict[Path, bytes]) -> None:
+    for path in sorted(shared, key=lambda p: natural_key(str(p))):
+        fp.add_file(path, shared[path])
+
+
 def dataset_fingerprint(samples: Sequence[Sample]) -> str:
     """Short sha256 over names, file names and file bytes, saved with runs so the data can be matched later."""
-    fp = _Fingerprint()
+    fp, shared = _Fingerprint(), {}
     for sample in sorted(samples, key=lambda s: natural_key(s.name)):
         fp.add_sample(sample.name)
         for path in (sample.image_path, *sample.mask_paths):
             fp.add_file(path, _read_bytes(path))
+        if sample.annotation is not None:
+            _annotation_bytes(fp, sample.annotation, shared)
+    _finish_shared(fp, shared)
     return fp.hexdigest()
 
 
@@ -527,17 +641,33 @@ class LoadedDataset:
 
 
 def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
-                 max_pixels: int | None = MAX_PIXELS_DEFAULT, progress: bool = False) -> LoadedDataset:
+                 max_pixels: int | None = MAX_PIXELS_DEFAULT, progress: bool = False,
+                 labels: Sequence[str] | None = None) -> LoadedDataset:
     """Read every pair once: its bytes feed the fingerprint and are decoded from memory. The first
-    broken pair raises its DataError (training needs every scan; `hemaseg check` lists them all)."""
+    broken pair raises its DataError (training needs every scan; `hemaseg check` lists them all).
+    Annotation datasets (`formats`, `labels` as for `find_samples`): the annotation's bytes feed the
+    fingerprint too, and the self-intersecting or clipped shapes `check` reports are accepted (counted in
+    one warning)."""
     _check_threshold(mask_threshold)
-    samples = sorted(find_samples(root), key=lambda s: natural_key(s.name))
-    fp, images, masks = _Fingerprint(), {}, {}
+    samples = sorted(find_samples(root, labels=labels), key=lambda s: natural_key(s.name))
+    fp, images, masks, shared = _Fingerprint(), {}, {}, {}
+    suspect = 0
     for sample in tqdm(samples, desc="load", unit="img", disable=not progress, leave=False):
         fp.add_sample(sample.name)
         data = _read_bytes(sample.image_path)
         fp.add_file(sample.image_path, data)
         image = decode_image(data, max_pixels, name=sample.image_path).gray
+        if sample.annotation is not None:
+            from hemaseg.data.formats import read_annotation
+
+            _check_annotated(sample, mask_threshold)
+            read = read_annotation(sample.annotation, image.shape, _annotation_bytes(fp, sample.annotation, shared),
+                                   max_pixels)
+            if read.mask is None:
+                raise next(p for p in read.problems if p.code != SUSPECT)
+            suspect += len(read.problems)
+            images[sample.name], masks[sample.name] = image, read.mask
+            continue
         mask = np.zeros(image.shape, dtype=bool)
         for mask_path in sample.mask_paths:
             raw = _read_bytes(mask_path)
@@ -547,6 +677,10 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
                 raise _size_mismatch(mask_path, m.shape, sample.image_path, image.shape)
             mask |= m
         images[sample.name], masks[sample.name] = image, mask
+    _finish_shared(fp, shared)
+    if suspect:
+        logger.warning("%s: %d shape(s) cross themselves or reach outside their image; they are read as drawn "
+                       "(`hemaseg check %s` lists them)", root, suspect, root)
     longer = sorted(max(im.shape) for im in images.values())
     fractions = [float(m.mean()) for m in masks.values()]
     stats = DatasetStats(n_pairs=len(samples), median_longer_side=longer[len(longer) // 2] if longer else 0,
@@ -630,7 +764,8 @@ LICENCE_FILES = ("LICENSE", "LICENSE.txt", "LICENCE", "LICENCE.txt", "SOURCE.md"
 
 def write_mixture(out: str | os.PathLike, roots: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
     """One dataset folder made of several: `out/images/TAG__NAME` and `out/mask/...` are symbolic links to
-    the sources' files (nothing is copied but the licences), TAG being each source folder's name, and
+    the sources' files (nothing is copied but the licences; the masks of annotation datasets, drawn from
+    their outlines, are written as PNG), TAG being each source folder's name, and
     `out/manifest.csv` keeps each source's groups (TAG:group; a scan without one is its own group), so a
     split of the mixture never puts one patient or one set of near-duplicates on both sides. Each
     source's licence and provenance files are copied to `out/licenses/TAG/`, as BUS-BRA asks of any copy.
@@ -654,6 +789,8 @@ def write_mixture(out: str | os.PathLike, roots: Sequence[str | os.PathLike], ov
         for s in find_samples(root):
             name = f"{tag}__{s.name}"
             (out / "images" / f"{name}{s.image_path.suffix.lower()}").symlink_to(s.image_path.resolve())
+            if s.annotation is not None:  # drawn from an annotation: there is no mask file to link to
+                save_png(out / "mask" / f"{name}.png", load_sample(s)[1].astype(np.uint8) * 255)
             for i, m in enumerate(s.mask_paths, start=1):
                 stem = name if len(s.mask_paths) == 1 else f"{name}_mask_{i}"
                 (out / "mask" / f"{stem}{m.suffix.lower()}").symlink_to(m.resolve())

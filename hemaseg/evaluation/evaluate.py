@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ REVIEW_BELOW_DICE = 0.5  # a scan with a lesion segmented below this Dice is a f
 def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | None = None,
              names: list[str] | None = None, mask_threshold: float | None = None, batch_size: int = 8,
              progress: bool = True, keep_masks: bool = False, tta: bool | None = None, fail_fast: bool = False,
-             max_pixels: int | None = MAX_PIXELS_DEFAULT) -> dict:
+             max_pixels: int | None = MAX_PIXELS_DEFAULT, labels: Sequence[str] | None = None) -> dict:
     """Predict every scan of `data_root` (or the listed `names`) and score it against its mask.
 
     Returns {"rows": per-image dicts, "summary": dict, "errors": [...]}; writes per_image.csv,
@@ -38,8 +39,9 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
     cannot be read is skipped and recorded (`fail_fast` raises instead); the summary counts it in
     `n_failed`. Rows carry the final `pred` mask; with keep_masks also the image, the reference and the
     probability map (float16), for reports and postprocessing decisions. `tta` None: the predictor's.
+    `labels`: which labels of an annotation dataset are lesion (`data.formats`; default: all).
     """
-    samples = find_samples(data_root)
+    samples = find_samples(data_root, labels=labels)
     if names is not None:
         wanted = set(names)
         samples = [s for s in samples if s.name in wanted]

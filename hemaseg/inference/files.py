@@ -5,10 +5,16 @@ rest are segmented. A scan's outputs (mask, overlay, probabilities) are encoded 
 written, each atomically; if a write fails, the ones already written for that scan are removed, so a
 scan's outputs appear whole or not at all. `predictions.csv` lists exactly the scans whose outputs
 were written, and is written (with `errors.csv`) even when the run is interrupted.
+
+With `labelme_tolerance` each scan also gets NAME.json beside it (not in the output folder: LabelMe opens
+a folder and finds each image's JSON next to it): its lesions as LabelMe polygons, imageData null, for a
+clinician to correct and save; `hemaseg train` then reads the corrected outlines as masks
+(`data.formats`). A JSON already there is never overwritten, since it may hold corrections.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -62,6 +68,8 @@ class PredictResult:
     errors: list[dict] = field(default_factory=list)  # one per scan that failed, as in errors.csv
     lesions: list[dict] = field(default_factory=list)  # one per measured lesion, as in lesions.csv
     out_dir: Path | None = None
+    labelme: list[Path] = field(default_factory=list)  # LabelMe files written beside their scans
+    labelme_kept: list[Path] = field(default_factory=list)  # LabelMe files already there, left untouched
 
 
 def read_frames(path: Path, frame: int | None, max_pixels: int | None) -> list[tuple[str, int | None, Decoded]]:
@@ -93,23 +101,37 @@ def _write_outputs(files: dict[Path, bytes]) -> None:
         raise
 
 
+def _labelme_target(path: Path, name: str, decoded: Decoded) -> tuple[Path | None, str | None]:
+    """Where a scan's LabelMe file goes (beside it, NAME.json), or why it gets none."""
+    if decoded.dicom is not None:
+        return None, f"{path}: LabelMe cannot open DICOM files (save the scans as PNG to correct them in LabelMe)"
+    if name != path.stem:
+        return None, f"{path}: one LabelMe file beside a scan cannot hold the outlines of several frames"
+    return path.with_suffix(".json"), None
+
+
 def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   save_prob: bool = False, threshold: float | None = None, batch_size: int = 8,
                   progress: bool = True, fail_fast: bool = False,
                   max_pixels: int | None = MAX_PIXELS_DEFAULT, pixel_spacing: Spacing | None = None,
                   frame: int | None = 0, dicom_sr: bool = False, dicom_seg: bool = False,
-                  model_name: str | None = None) -> PredictResult:
+                  model_name: str | None = None, labelme_tolerance: float | None = None) -> PredictResult:
     """Write `<stem>_mask.png`, `<stem>_overlay.png` (and `<stem>_prob.png`) per image at its original
     size, `predictions.csv` with per-image figures (in mm where the scan is calibrated: see
     `measure.scan`), `lesions.csv` with each lesion's measurements and, when any scan failed, `errors.csv`.
     `frame` picks a DICOM cine's frame; None segments every frame (outputs NAME_frameNNN_*).
     `dicom_sr` / `dicom_seg`: for DICOM inputs also NAME_sr.dcm / NAME_seg.dcm (`measure.dicom_out`,
     `model_name` recorded in them); one that cannot be made (no mm, a cine's SEG) is a logged note.
+    `labelme_tolerance` (px, e.g. `formats.LABELME_TOLERANCE_PX`): also NAME.json beside each scan, each
+    lesion's outline as a LabelMe polygon simplified to that tolerance (`formats.lesion_outlines`); not for
+    DICOM (LabelMe cannot open it) nor for the frames of a cine, and never over an existing file.
 
     A scan that cannot be read is recorded and skipped (`fail_fast` raises its DataError instead). OS
     errors while writing (a full disk) stop the run: they would fail every later scan too."""
     from tqdm import tqdm
 
+    if labelme_tolerance is not None and labelme_tolerance < 0:
+        raise ValueError(f"the LabelMe outline tolerance must be >= 0 px, got {labelme_tolerance}")
     files = collect_inputs(inputs)  # before anything is created: a wrong argument leaves no empty folder
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -147,7 +169,23 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
                     for why in set(skipped) - noted:  # once per file, not once per frame of a cine
                         noted.add(why)
                         log.warning("no DICOM output: %s", why)
+                labelme = None
+                if labelme_tolerance is not None:
+                    labelme, why = _labelme_target(path, name, decoded)
+                    if why is not None and why not in noted:
+                        noted.add(why)
+                        log.warning("no LabelMe output: %s", why)
+                    if labelme is not None and (labelme.exists() or labelme.is_symlink()):
+                        result.labelme_kept.append(labelme)
+                        labelme = None
+                    if labelme is not None:
+                        from hemaseg.data.formats import labelme_document
+
+                        doc = labelme_document(pred.mask, path.name, labelme_tolerance)
+                        outputs[labelme] = (json.dumps(doc, indent=2) + "\n").encode()
                 _write_outputs(outputs)
+                if labelme is not None:
+                    result.labelme.append(labelme)
                 result.rows.append({
                     "image": str(path), "frame": index, "width": image.shape[1], "height": image.shape[0],
                     "lesion_area_px": pred.area_px, "lesion_fraction": round(pred.area_px / image.size, 6),
@@ -159,6 +197,9 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
             bar.update(len(files[start:start + batch_size]))
     finally:
         bar.close()
+        if result.labelme_kept:
+            log.warning("kept %d LabelMe file(s) already beside their scans (e.g. %s): they may hold corrections; "
+                        "delete them to predict new outlines", len(result.labelme_kept), result.labelme_kept[0])
         # what was done is recorded even when the run stops early (an OS error, Ctrl-C, --fail-fast)
         write_csv(out / "predictions.csv", result.rows, PREDICTION_COLUMNS)
         write_csv(out / "lesions.csv", result.lesions, LESION_COLUMNS)

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 def make_folds(cfg: RunConfig, out: Path, folds: int, seed: int) -> list[dict]:
     path = out / "folds.json"
-    names = [s.name for s in find_samples(cfg.data.root)]
+    names = [s.name for s in find_samples(cfg.data.root, labels=cfg.data.labels)]
     if path.is_file():
         saved = json.loads(path.read_text())
         saved_names = sorted(n for f in saved["folds"] for n in f["val"])
@@ -182,6 +182,7 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
         predictor = load_model(out / f"fold_{k}" / FOLD_WEIGHTS, device=cfg.train.device, postprocess=False)
         for name in variants:
             result = evaluate(predictor, cfg.data.root, names=fold["val"], mask_threshold=cfg.data.mask_threshold,
+                              labels=cfg.data.labels,
                               progress=progress, keep_masks=True, tta=name == "tta", fail_fast=True,
                               max_pixels=cfg.data.max_pixels)
             for row in result["rows"]:
@@ -236,8 +237,9 @@ def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Pat
             raise FileNotFoundError(f"{out / needed}: missing; run `hemaseg cv` to finish this cross-validation")
     cv_summary = json.loads((out / "cv_summary.json").read_text())
     summary = json.loads((out / "oof" / "summary.json").read_text())
-    data_root = data_root or RunConfig.load(out / "fold_0" / "config.json").data.root
-    samples = {s.name: s for s in find_samples(data_root, strict=False)}
+    trained = RunConfig.load(out / "fold_0" / "config.json").data
+    data_root = data_root or trained.root
+    samples = {s.name: s for s in find_samples(data_root, strict=False, labels=trained.labels)}
     rows = []
     with open(out / "oof" / "per_image.csv", newline="") as f:
         for row in csv.DictReader(f):

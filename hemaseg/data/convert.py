@@ -48,6 +48,7 @@ from hemaseg.data.formats import (
     labelme_document,
 )
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError, decode_image, open_image
+from hemaseg.data.pixels import read_file
 from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes
 from hemaseg.measure.lesions import label_lesions
 
@@ -122,7 +123,7 @@ def convert(data: str | os.PathLike, to: str, out: str | os.PathLike, labels: Se
         n_lesions = 0
         for sample in tqdm(samples, desc="convert", unit="img", disable=not progress, leave=False):
             _, mask = load_sample(sample, max_pixels=max_pixels)
-            n_lesions += writer.add(sample, _read(sample.image_path), mask, max_pixels)
+            n_lesions += writer.add(sample, read_file(sample.image_path), mask, max_pixels)
         writer.finish(source_name=str(data), name=out.name)
         splits = None
         if split is not None:
@@ -170,13 +171,6 @@ def _label_name(samples: Sequence[Sample]) -> str:
         if len(only) == 1:
             return only[0]
     return LESION_LABEL
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(path, f"cannot read: {e.strerror or e}", "unreadable") from None
 
 
 def _copy_extras(root: Path, tmp: Path) -> None:

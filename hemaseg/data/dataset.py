@@ -17,7 +17,6 @@ user can go straight to the file. Arrays are 2-D: images float32 HxW in [0, 1], 
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,14 @@ from tqdm import tqdm
 
 from hemaseg.io import atomic_write_text, save_png
 from hemaseg.config import DatasetStats
+from hemaseg.data.listing import (  # noqa: F401 - re-exported
+    MASK_DIR_NAMES,
+    SUSPECT,
+    list_images,
+    natural_key,
+    natural_sorted,
+)
+from hemaseg.data.pixels import read_file
 from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, decode_image, open_image, read_image
 
 if TYPE_CHECKING:
@@ -44,9 +51,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MASK_DIR_NAMES = ("mask", "masks")
-SUSPECT = "suspect"  # DataError.code of a problem `check` reports but reading accepts (formats: a polygon
-# that crosses itself, a shape reaching outside its image, a miscounted numTraining)
 NAME_COLUMNS = ("name", "image", "filename")
 GROUP_COLUMNS = ("group", "dup_group", "patient")
 MANIFEST_GROUP_COLUMNS = ("group", "dup_group", "patient")
@@ -67,14 +71,7 @@ class Sample:
     annotation: Annotation | None = None
 
 
-def natural_key(text: str) -> tuple:
-    """Sort key so that "img2" < "img10"; the raw string breaks ties ("a01" vs "a1") to stay deterministic."""
-    parts = re.split(r"(\d+)", text.lower())
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
 
-
-def natural_sorted(items: Iterable[str]) -> list[str]:
-    return sorted(items, key=natural_key)
 
 
 # --------------------------------------------------------------------------------------------- pairing
@@ -94,39 +91,6 @@ def find_dataset_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
     if len(found) > 1:
         raise DataError(root, "both mask/ and masks/ exist; keep one so it is clear which masks to use")
     return images_dir, found[0]
-
-
-def list_images(folder: Path, broken: dict[Path, DataError] | None = None) -> list[Path]:
-    """Supported image files (any suffix case), skipping hidden files such as macOS ``._12.png``.
-
-    A symbolic link that leads nowhere (dangling, or a loop) is listed too, with its problem put in
-    `broken`: skipping it would hide the file from `check`, or misreport its image as having no mask."""
-    files = []
-    for p in folder.iterdir():
-        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
-            continue
-        if p.is_file():
-            files.append(p)
-        elif p.is_symlink() and (problem := _broken_link(p)) is not None:
-            files.append(p)
-            if broken is not None:
-                broken[p] = problem
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def _broken_link(path: Path) -> DataError | None:
-    """Why the symbolic link `path` leads to no file, or None when it leads to something (e.g. a folder)."""
-    try:
-        path.stat()
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return DataError(path, "symbolic link loop (it leads back to itself; point it at the real file)",
-                             "unreadable")
-        if isinstance(e, FileNotFoundError | NotADirectoryError):
-            problem = f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
-            return DataError(path, problem, "missing")
-        return DataError(path, f"cannot read: {e.strerror or e}", "unreadable")
-    return None
 
 
 @dataclass
@@ -592,11 +556,11 @@ def _annotation_bytes(fp: _Fingerprint, ann: Annotation, shared: dict[Path, byte
     (CVAT, COCO) once, after all scans (`_finish_shared`), however many scans it annotates."""
     fp.add_annotation(ann)
     if not ann.shared:
-        data = _read_bytes(ann.path)
+        data = read_file(ann.path)
         fp.add_file(ann.path, data)
         return data
     if ann.path not in shared:
-        shared[ann.path] = _read_bytes(ann.path)
+        shared[ann.path] = read_file(ann.path)
     return shared[ann.path]
 
 
@@ -611,20 +575,11 @@ def dataset_fingerprint(samples: Sequence[Sample]) -> str:
     for sample in sorted(samples, key=lambda s: natural_key(s.name)):
         fp.add_sample(sample.name)
         for path in (sample.image_path, *sample.mask_paths):
-            fp.add_file(path, _read_bytes(path))
+            fp.add_file(path, read_file(path))
         if sample.annotation is not None:
             _annotation_bytes(fp, sample.annotation, shared)
     _finish_shared(fp, shared)
     return fp.hexdigest()
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, "file does not exist", "missing") from None
-    except OSError as e:
-        raise DataError(path, f"cannot read: {e.strerror or e}", "unreadable") from None
 
 
 @dataclass
@@ -654,7 +609,7 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
     suspect = 0
     for sample in tqdm(samples, desc="load", unit="img", disable=not progress, leave=False):
         fp.add_sample(sample.name)
-        data = _read_bytes(sample.image_path)
+        data = read_file(sample.image_path)
         fp.add_file(sample.image_path, data)
         image = decode_image(data, max_pixels, name=sample.image_path).gray
         if sample.annotation is not None:
@@ -670,7 +625,7 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
             continue
         mask = np.zeros(image.shape, dtype=bool)
         for mask_path in sample.mask_paths:
-            raw = _read_bytes(mask_path)
+            raw = read_file(mask_path)
             fp.add_file(mask_path, raw)
             m = read_mask(raw, mask_threshold, max_pixels, name=mask_path)
             if m.shape != image.shape:

@@ -70,8 +70,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hemaseg.data.dataset import MASK_DIR_NAMES, SUSPECT, list_images, natural_key
+from hemaseg.data.listing import MASK_DIR_NAMES, SUSPECT, list_images, natural_key
 from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, open_image
+from hemaseg.data.pixels import read_file
 
 log = logging.getLogger(__name__)
 
@@ -267,23 +268,12 @@ def _cached(kind: str, path: Path, data: bytes | None, parse) -> object:
         if key in _CACHE:
             return _CACHE[key]
         if data is None:
-            data = _read(path)
+            data = read_file(path)
         value = parse(data)
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = value
         return value
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, "file does not exist", "missing") from None
-    except IsADirectoryError:
-        raise DataError(path, "is a folder, not an annotation file", "unreadable") from None
-    except OSError as e:
-        raise DataError(path, f"cannot read: {e.strerror or e}", "unreadable") from None
 
 
 def _parse_json(data: bytes, path: Path) -> object:
@@ -464,7 +454,7 @@ def _labelme_declared(folder: Path) -> list[str] | None:
     path = folder / "labels.txt"
     if not path.is_file():
         return None
-    lines = [line.strip() for line in _read(path).decode("utf-8-sig", "replace").splitlines()]
+    lines = [line.strip() for line in read_file(path).decode("utf-8-sig", "replace").splitlines()]
     return [n for n in lines if n and n not in ("__ignore__", "_background_")]
 
 

@@ -66,3 +66,16 @@ def is_dicom(head: bytes) -> bool:
     """True when `head` (a file's first 132+ bytes) has b"DICM" after the 128-byte Part-10 preamble.
     Checked here so PNG-only work never imports pydicom."""
     return len(head) >= DICOM_HEAD_BYTES and head[DICOM_HEAD_BYTES - 4:DICOM_HEAD_BYTES] == b"DICM"
+
+
+def read_file(path: str | os.PathLike, name: str | os.PathLike | None = None) -> bytes:
+    """A file's bytes, or a DataError naming it (`name`, else the path): missing, a folder, unreadable."""
+    where = name if name is not None else path
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(where, "file does not exist", "missing") from None
+    except IsADirectoryError:
+        raise DataError(where, "is a folder, not a file", "unreadable") from None
+    except OSError as e:
+        raise DataError(where, f"cannot read: {e.strerror or type(e).__name__}", "unreadable") from None

@@ -61,6 +61,7 @@ import numpy as np
 from hemaseg import __version__
 from hemaseg.data.dicom import element_value, frame_count, quiet
 from hemaseg.data.images import DataError, is_dicom
+from hemaseg.data.pixels import read_file
 from hemaseg.io import atomic_write_bytes
 from hemaseg.measure.lesions import find_lesions
 from hemaseg.measure.morphometry import NO_IMAGE, NO_SKIN_LINE, ImageMeasurement
@@ -308,14 +309,7 @@ def _read_source(source: str | os.PathLike | bytes, where):
     if isinstance(source, bytes):
         data = source
     else:
-        try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            raise DataError(where, "file does not exist", "missing") from None
-        except IsADirectoryError:
-            raise DataError(where, "is a folder, not a DICOM file", "unreadable") from None
-        except OSError as e:
-            raise DataError(where, f"cannot read file: {e.strerror or type(e).__name__}", "unreadable") from None
+        data = read_file(source, where)
     if not is_dicom(data[:_PREAMBLE + 4]):
         raise DataError(where, "a DICOM SR or SEG is derived from a DICOM source, and this is not a DICOM file "
                                "(no 'DICM' marker after the 128-byte preamble)", "unsupported_type")

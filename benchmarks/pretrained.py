@@ -20,10 +20,12 @@ import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import resolve_config
+from hemaseg.data.dataset import load_split
 from hemaseg.evaluation.evaluate import evaluate
 from hemaseg.inference.predictor import load_model
 from hemaseg.models.pretrained import check_left_out
@@ -51,6 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-images", type=int, help="training images seen per variant and fold, instead of minutes "
                                                      "(the same training on any machine)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="weight EMA for every variant (0 = off)")
+    p.add_argument("--score-run", metavar="RUN", help="score RUN/fold_K/last.pt (a `hemaseg cv` run on the same "
+                                                       "fixed folds) as variant --tag instead of training")
     p.add_argument("--tag", default="", help="suffix of the run folders and result keys (e.g. ema) to keep "
                                              "variants of one recipe apart")
     p.add_argument("--folds", default="0,1,2", help="which of the 5 fixed folds to hold out, comma-separated")
@@ -72,6 +76,17 @@ def main(argv=None) -> None:
     results = json.loads(previous.read_text())["runs"] if previous.is_file() else {}
     for k in map(int, args.folds.split(",")):
         split = {"train": folds[k]["train"], "val": folds[k]["val"]}
+        if args.score_run:
+            fold_run = Path(args.score_run) / f"fold_{k}"
+            summary = json.loads((fold_run / "summary.json").read_text())
+            assert load_split(fold_run / "splits.json")["val"] == split["val"], f"{fold_run}: other folds"
+            tag = args.tag or Path(args.score_run).name
+            results[f"{tag}/fold{k}"] = row = {
+                "variant": tag, "fold": k, "preset": "from " + str(args.score_run), "epochs": summary["epochs"],
+                "images_seen": summary["images_seen"], "train_s": summary["train_s"], "cpu": summary["cpu"],
+                **score(fold_run, data, split["val"])}
+            print(json.dumps(row), flush=True)
+            continue
         for name in names:
             preset, overrides = VARIANTS[name]
             cfg = resolve_config(data, preset, loaded.stats, base.plan.device_type,

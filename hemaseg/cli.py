@@ -175,8 +175,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema-decay", type=float, metavar="D",
                    help=f"validate and save an exponential moving average of the weights with decay D, e.g. "
                         f"0.99; 0 = off (default {tr.ema_decay:g})")
-    g.add_argument("--batch-size", type=int, help=f"images per step (presets: {_presets('batch_size')}; halved on "
-                                                  "a CPU above 256 px)")
+    g.add_argument("--batch-size", type=int, help=f"images per step per process (presets: {_presets('batch_size')}; "
+                                                  "halved on a CPU above 256 px; under torchrun the global batch "
+                                                  "is processes x B)")
+    g.add_argument("--sync-batchnorm", action="store_true", default=None,
+                   help="under torchrun: BatchNorm statistics of the global batch, so N processes at --batch-size B "
+                        "train what one process trains at N x B (one all-reduce per BatchNorm layer and step)")
     g.add_argument("--loss", choices=LOSSES, help=f"Dice + BCE or Dice + focal, MONAI's (default {tr.loss})")
     g.add_argument("--lr", type=float, help=f"peak AdamW learning rate (presets: {_presets('lr')})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {tr.weight_decay})")
@@ -538,9 +542,10 @@ def cmd_train(args) -> int:
             raise ValueError("--allow-changed-data only applies to --resume")
         cfg, data = _configure(args)
         summary = fit(cfg, args.out, progress=not args.quiet, dataset=data, overwrite=args.overwrite)
-    print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
-          f"of {summary['epochs']} ({summary['train_s']:.0f} s, {summary['images_seen']} images seen); "
-          f"run written to {summary['run']}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+              f"of {summary['epochs']} ({summary['train_s']:.0f} s, {summary['images_seen']} images seen); "
+              f"run written to {summary['run']}")
     return 0
 
 
@@ -802,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     # spinning threads of two busy processes starve each other (10-50x slower inference and training,
     # benchmarks/speed.py); on an idle CPU sleeping costs nothing measurable. An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # torchrun's other ranks: warnings only
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -18,6 +18,11 @@ fingerprint and the settings against the run's and refuses a change unless `allo
 
 Each sample's augmentation is seeded by (seed, epoch, index) and each epoch's order by (seed,
 epoch), so a resumed run retraces the uninterrupted one exactly.
+
+Under torchrun the same run is trained by several processes (distributed.py): `batch_size` per process,
+the single-process epoch order dealt out across them, the loss and validation Dice those of the whole
+global batch and validation set, and rank 0 alone writing the run folder. A resume must use as many
+processes as the run was trained with (the global batch is part of the training).
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ from hemaseg.io import atomic_write_text, remove_stale_temps
 from hemaseg.models import build_model
 from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaseg.models.pretrained import load_imagenet_encoder, load_packaged_weights
+from hemaseg.training import distributed
+from hemaseg.training.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +122,24 @@ class AugmentedPairs(Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """(epoch, index) pairs in an order seeded by (seed, epoch): the same batches after a resume."""
+    """(epoch, index) pairs in an order seeded by (seed, epoch): the same batches after a resume.
 
-    def __init__(self, n: int, seed: int):
+    With `world_size` > 1 it plays DistributedSampler's part: of the epoch's first `keep` pairs (those
+    the epoch's full global batches hold), rank r takes every world_size-th from the r-th, so the ranks'
+    step-k batches of b together are the single-process step-k batch of world_size x b, and each scan
+    comes once per epoch across ranks."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, keep: int | None = None):
         self.n, self.seed, self.epoch = n, seed, 1
+        self.rank, self.world_size, self.keep = rank, world_size, n if keep is None else keep
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.world_size == 1 else len(range(self.rank, self.keep, self.world_size))
 
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        if self.world_size > 1:
+            order = order[:self.keep][self.rank::self.world_size]
         return iter([(self.epoch, int(i)) for i in order])
 
 
@@ -193,18 +208,60 @@ def build_loss(tc) -> torch.nn.Module:
     return DiceCELoss(sigmoid=True, batch=True, lambda_dice=tc.lambda_dice, lambda_ce=tc.lambda_bce)
 
 
+def global_batch_loss(loss_fn: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor,
+                      share: float) -> torch.Tensor:
+    """This process's part of `loss_fn` (build_loss's) over the global batch of a distributed step.
+
+    logits, target: (n, 1, H, W), this process's n of the step's N images; share = world_size x n / N.
+    The Dice term comes from MONAI's tp/fp/fn counts summed over processes (the batch Dice of the global
+    batch, differentiable through the sum); the pointwise term (BCE or focal, a mean over pixels) is
+    weighted by `share`. DDP averages the gradients over processes, so the step is the one a single
+    process takes on the global batch, and the mean of the returned values over processes is that
+    process's loss value. Outside a process group (share 1) it is `loss_fn(logits, target)`."""
+    from monai.losses.utils import compute_tp_fp_fn
+
+    dice = loss_fn.dice
+    probs = torch.sigmoid(logits)
+    axes = [0, *range(2, logits.dim())]  # batch and space: Dice over the whole batch (batch=True)
+    tp, fp, fn = compute_tp_fp_fn(probs, target, axes, 2 if dice.squared_pred else 1, dice.soft_label)
+    tp, fp, fn = distributed.all_reduce_sum(torch.stack([tp, fp, fn])).unbind(0)  # each (C,)
+    if not dice.jaccard:
+        fp, fn = 0.5 * fp, 0.5 * fn
+    dice_loss = (1 - (2 * tp + dice.smooth_nr) / (2 * (tp + fp + fn) + dice.smooth_dr)).mean()
+    if isinstance(loss_fn, DiceFocalLoss):
+        pointwise, weight = loss_fn.focal(logits, target), loss_fn.lambda_focal
+    else:
+        pointwise, weight = loss_fn.bce(logits, target), loss_fn.lambda_ce
+    return loss_fn.lambda_dice * dice_loss + weight * share * pointwise
+
+
 def validate(model: torch.nn.Module, cached: CachedSet, device: torch.device, threshold: float,
-             batch_size: int = 8) -> np.ndarray:
+             batch_size: int = 8, dist: Distributed = distributed.SINGLE) -> np.ndarray:
     """Per-image Dice on whole validation images at their original size (NaN where both empty), through
-    the same batch function as every other inference; the folded fp32 backend gives eager's numbers."""
+    the same batch function as every other inference; the folded fp32 backend gives eager's numbers.
+
+    Under torchrun each process scores its shard of the images and all receive every image's Dice, in
+    the set's order: the epoch's Dice is then the mean over images, as in one process (a mean of the
+    processes' means would weigh the images of a smaller shard more)."""
     model.eval()
+    mine = distributed.shard(len(cached.names), dist.rank, dist.world_size)
     runner = make_backend(model, "torch-fast", device)
     scores = []
-    for start in range(0, len(cached.names), batch_size):
-        stop = start + batch_size
-        probs = predict_boxed([runner], cached.images[start:stop], cached.boxes[start:stop], (), device)
-        scores.extend(dice(p >= threshold, ref)[0] for p, ref in zip(probs, cached.orig_masks[start:stop]))
-    return np.asarray(scores, np.float64)
+    for start in range(0, len(mine), batch_size):
+        idx = list(mine[start:start + batch_size])
+        probs = predict_boxed([runner], cached.images[idx], [cached.boxes[i] for i in idx], (), device)
+        scores.extend(dice(p >= threshold, cached.orig_masks[i])[0] for p, i in zip(probs, idx))
+    if not dist.active:
+        return np.asarray(scores, np.float64)
+    return gather_shards(dist.all_gather(scores), len(cached.names))
+
+
+def gather_shards(parts: list[list[float]], n: int) -> np.ndarray:
+    """Per-rank lists of per-item values (rank r holding items r, r + world, ...) back in item order."""
+    out = np.full(n, np.nan, np.float64)
+    for rank, part in enumerate(parts):
+        out[rank::len(parts)] = part
+    return out
 
 
 def param_groups(model: torch.nn.Module, tc) -> list[dict]:
@@ -318,34 +375,74 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     {"train", "val"} split (cross-validation folds); `epochs` extends a resumed run to that many epochs;
     `clock` measures time for the budget (a test passes a fake one). `on_epoch_end(epoch, row)` is
     called after each epoch's metrics are written (a hook for callers that log elsewhere or stop early
-    by raising)."""
-    t_start = clock()
-    out = Path(out_dir)
-    tc = cfg.train
-    _claim_run_folder(out, resume, overwrite)
-    data = dataset or load_dataset(cfg.data.root, cfg.data.mask_threshold, cfg.data.max_pixels, progress)
+    by raising); under torchrun on every process.
 
-    state = None
-    if resume:
-        state = load_checkpoint(out / "last.pt")
-        split = load_split(out / "splits.json")
-        changed = _settings_changed(RunConfig.from_dict(state["config"]).to_dict(), cfg)
-        if changed:
-            raise RunFolderError(f"{out}: resume must keep the run's settings; changed: {'; '.join(changed)}")
-        if state.get("data_fingerprint") != data.fingerprint:
-            message = f"{cfg.data.root}: the data changed since {out} was trained ({_what_changed(state, split, data)})"
-            if not allow_changed_data:
-                raise RunFolderError(message + "; pass --allow-changed-data to resume on it anyway")
-            log.warning("%s; resuming anyway (--allow-changed-data)", message)
-        _check_split_names(split, data, f"{out / 'splits.json'}")
-    else:
-        split = _choose_split(cfg, data, split)
+    Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its share of the run
+    (distributed.py; the module docstring above); every process returns the summary."""
+    with distributed.session(select_device(cfg.train.device)) as dist:
+        return _fit(cfg, Path(out_dir), resume, progress, on_epoch_end, dataset, split, overwrite,
+                    allow_changed_data, epochs, clock, dist)
+
+
+def _resume_state(out: Path, cfg: RunConfig, data: LoadedDataset, allow_changed_data: bool,
+                  world_size: int) -> tuple[dict, dict]:
+    """(last.pt's state, the run's split), once the data and settings are checked against the run's."""
+    state = load_checkpoint(out / "last.pt")
+    split = load_split(out / "splits.json")
+    changed = _settings_changed(RunConfig.from_dict(state["config"]).to_dict(), cfg)
+    if changed:
+        raise RunFolderError(f"{out}: resume must keep the run's settings; changed: {'; '.join(changed)}")
+    trained_on = state.get("world_size", 1)
+    if trained_on != world_size:
+        raise RunFolderError(
+            f"{out}: the run was trained by {trained_on} process(es), a global batch of {trained_on} x "
+            f"{cfg.train.batch_size}; resume it with {trained_on} (torchrun giving WORLD_SIZE {trained_on}"
+            f"{'' if trained_on > 1 else ', or no torchrun'}), not {world_size}")
+    if state.get("data_fingerprint") != data.fingerprint:
+        message = f"{cfg.data.root}: the data changed since {out} was trained ({_what_changed(state, split, data)})"
+        if not allow_changed_data:
+            raise RunFolderError(message + "; pass --allow-changed-data to resume on it anyway")
+        log.warning("%s; resuming anyway (--allow-changed-data)", message)
+    _check_split_names(split, data, f"{out / 'splits.json'}")
+    return state, split
+
+
+def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, dataset: LoadedDataset | None,
+         split: Mapping | None, overwrite: bool, allow_changed_data: bool, epochs: int | None,
+         clock: Callable[[], float], dist: Distributed) -> dict:
+    t_start = clock()
+    tc = cfg.train
+    main = dist.is_main
+    progress = progress and main
+    # Rank 0 alone claims and reads the run folder; every process reads and checks the data. A failure on
+    # any one ends them all here, before a collective that the failed one would never reach.
+    with dist.agreed("checking the run folder and the data"):
+        if main:
+            _claim_run_folder(out, resume, overwrite)
+        data = dataset or load_dataset(cfg.data.root, cfg.data.mask_threshold, cfg.data.max_pixels, progress,
+                                       labels=cfg.data.labels)
+        state = None
+        if main and resume:
+            state, split = _resume_state(out, cfg, data, allow_changed_data, dist.world_size)
+        elif main:
+            split = _choose_split(cfg, data, split)
+    if dist.active:
+        fingerprints = dist.all_gather(data.fingerprint)
+        if len(set(fingerprints)) > 1:
+            odd = next(r for r, f in enumerate(fingerprints) if f != fingerprints[0])
+            raise ValueError(f"{cfg.data.root}: rank {odd} reads other data than rank 0 (fingerprint "
+                             f"{fingerprints[odd]} vs {fingerprints[0]}); every node needs the same dataset")
+        state, split = dist.broadcast((state, split))
+        _check_split_names(split, data)
     train_set = cache_samples(split["train"], data, cfg.data.size, cfg.data.normalize)
     val_set = cache_samples(split["val"], data, cfg.data.size, cfg.data.normalize)
     if len(train_set.names) == 0:
         raise ValueError(f"{cfg.data.root}: the training split is empty")
+    if len(train_set.names) < dist.world_size:
+        raise ValueError(f"{cfg.data.root}: {len(train_set.names)} training scans cannot be shared by "
+                         f"{dist.world_size} processes; use fewer processes")
 
-    device = select_device(tc.device)
+    device = dist.device(select_device(tc.device))
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     model = build_model(cfg.model)
@@ -353,6 +450,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         load_imagenet_encoder(model)
     elif tc.init != "none" and state is None:
         load_packaged_weights(model, tc.init, cfg.model.arch)
+    if tc.sync_batchnorm and dist.active:
+        distributed.convert_sync_batchnorm(model)
     model = model.to(device)
     amp = use_bf16(tc.precision, device)
     # measured on a 2-core AVX-512/AMX CPU: fp32 steps run ~1.2-1.4x faster in channels_last, bf16 steps
@@ -362,10 +461,11 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     loss_fn = build_loss(tc)
-    drop_last = len(train_set.names) > tc.batch_size
-    steps_per_epoch = len(train_set.names) // tc.batch_size if drop_last else 1
+    global_batch = tc.batch_size * dist.world_size
+    drop_last = len(train_set.names) > global_batch
+    steps_per_epoch = len(train_set.names) // global_batch if drop_last else 1
     warmup_steps = max(1, round(tc.warmup_epochs * steps_per_epoch))
-    images_per_epoch = steps_per_epoch * tc.batch_size if drop_last else len(train_set.names)
+    images_per_epoch = steps_per_epoch * global_batch if drop_last else len(train_set.names)
     # mutable: a time budget rewrites it after the first epoch; an images budget fixes it here
     plan = {"epochs": tc.epochs if tc.budget_images is None else max(1, round(tc.budget_images / images_per_epoch))}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -379,7 +479,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         "hemaseg_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": str(device), "cpu": describe_cpu(), "data_fingerprint": data.fingerprint,
         "n_train": len(train_set.names), "n_val": len(val_set.names), "loader_workers": workers,
-        "bf16_autocast": amp,
+        "bf16_autocast": amp, "world_size": dist.world_size, "global_batch": global_batch,
     }
     if state is not None:
         model.load_state_dict(state["train_model"] if ema is not None else state["model"])
@@ -395,16 +495,21 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_dice, history = done + 1, state["best_dice"], list(state["history"])
         elapsed_before = state.get("elapsed_s", 0.0)
-        _append_history(out, {"event": "resume", "at_epoch": done, "planned_epochs": plan["epochs"],
-                              "data_fingerprint": data.fingerprint, "allow_changed_data": allow_changed_data,
-                              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **{
-                                  k: meta[k] for k in ("hemaseg_version", "device", "bf16_autocast")}})
-        log.info("resuming %s at epoch %d of %d", out, start_epoch, plan["epochs"])
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_split(split, out / "splits.json")
-        cfg.save(out / "config.json", {"meta": meta, "history": []})
-    remove_stale_temps(out)
+    with dist.agreed("writing the run folder"):
+        if main and state is not None:
+            _append_history(out, {"event": "resume", "at_epoch": done, "planned_epochs": plan["epochs"],
+                                  "data_fingerprint": data.fingerprint, "allow_changed_data": allow_changed_data,
+                                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **{
+                                      k: meta[k] for k in ("hemaseg_version", "device", "bf16_autocast",
+                                                           "world_size")}})
+            log.info("resuming %s at epoch %d of %d", out, start_epoch, plan["epochs"])
+        elif main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_split(split, out / "splits.json")
+            cfg.save(out / "config.json", {"meta": meta, "history": []})
+        if main:
+            remove_stale_temps(out)
+    net = dist.wrap(model, device)  # what the steps run: under torchrun DDP, averaging the gradients
     dataset_ = AugmentedPairs(train_set, build_augmentation(cfg.augment, cfg.data.size), tc.seed)
     del data  # the letterboxed cache is all training needs from here on
 
@@ -415,17 +520,19 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
                 "model": scored.state_dict() if weights is None else weights, "epoch": epoch, "metrics": metrics,
                 "data_fingerprint": meta["data_fingerprint"]}
 
-    sampler = EpochSampler(len(dataset_), tc.seed)
+    # under torchrun the sampler deals out each step's global batch and drops the incomplete one itself
+    kept = steps_per_epoch * global_batch if drop_last else len(dataset_)
+    sampler = EpochSampler(len(dataset_), tc.seed, dist.rank, dist.world_size, kept)
     # one loader for the whole run: worker processes start once, not every epoch
-    loader = DataLoader(dataset_, batch_size=tc.batch_size, sampler=sampler, drop_last=drop_last,
-                        num_workers=workers, persistent_workers=workers > 0,
+    loader = DataLoader(dataset_, batch_size=tc.batch_size, sampler=sampler,
+                        drop_last=drop_last and not dist.active, num_workers=workers, persistent_workers=workers > 0,
                         worker_init_fn=_quiet_worker if workers else None, pin_memory=device.type == "cuda")
     bar = tqdm(total=plan["epochs"], initial=start_epoch - 1, desc="train", unit="epoch", disable=not progress)
     best_payload, last_flush = None, -math.inf
     epoch = start_epoch
     while epoch <= plan["epochs"]:
         t_epoch = clock()
-        model.train()
+        net.train()
         sampler.epoch = epoch
         losses = []
         for x, y in loader if workers else single_threaded_batches(loader):
@@ -433,8 +540,12 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
+                logits = net(x)
+            if dist.active:  # this process's share of the step's images (global_batch, or all scans at once)
+                share = dist.world_size * len(x) / (global_batch if drop_last else len(train_set.names))
+                loss = global_batch_loss(loss_fn, logits.float(), y, share)
+            else:
+                loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -442,27 +553,32 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
             if ema is not None:
                 ema.update_parameters(model)
             losses.append(loss.item())
-        scores = (validate(scored, val_set, device, cfg.inference.threshold, tc.batch_size)
+        scores = (validate(scored, val_set, device, cfg.inference.threshold, tc.batch_size, dist)
                   if len(val_set.names) else np.array([]))
         val_dice = nanmean_or(scores)
+        # a step's loss is the mean over processes of their parts of it (global_batch_loss)
+        train_loss = float(np.mean(losses)) if not dist.active else \
+            dist.sum(float(np.sum(losses))) / (dist.world_size * len(losses))
         now = clock()
         epoch_s = now - t_epoch
         elapsed = elapsed_before + now - t_start
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                "val_dice": val_dice, "epoch_s": round(epoch_s, 3), "elapsed_s": round(elapsed, 3)}
         history.append(row)
         if tc.budget_minutes is not None and state is None:
             _fit_epochs_to_budget(plan, tc.budget_minutes * 60, elapsed, history, epoch)
+            plan["epochs"] = dist.broadcast(plan["epochs"])  # rank 0's clock decides for every process
             bar.total = plan["epochs"]
         score = -1.0 if math.isnan(val_dice) else val_dice
         if score > best_dice:
             best_dice = score
-            best_payload = payload(epoch, row, _cpu_copy(scored.state_dict()))  # kept until the next flush
+            if main:  # kept until the next flush
+                best_payload = payload(epoch, row, _cpu_copy(scored.state_dict()))
         # A large model's last.pt is ~400 MB: written after every few-second epoch, it made the disk the
         # bottleneck. So between the first and the last epoch a checkpoint is written once leaving it
         # out would risk more than checkpoint_every_s of work (see the module docstring).
-        due = epoch == start_epoch or epoch >= plan["epochs"] or \
-            clock() - last_flush + epoch_s > tc.checkpoint_every_s
+        due = main and (epoch == start_epoch or epoch >= plan["epochs"] or
+                        clock() - last_flush + epoch_s > tc.checkpoint_every_s)
         if due:
             if best_payload is not None:
                 save_checkpoint(out / "best.pt", best_payload)
@@ -470,30 +586,36 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
             save_checkpoint(out / "last.pt", {
                 **payload(epoch, row), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "best_dice": best_dice, "history": history, "planned_epochs": plan["epochs"],
-                "elapsed_s": elapsed,
+                "elapsed_s": elapsed, "world_size": dist.world_size,
                 **({"train_model": model.state_dict(), "ema": ema.state_dict()} if ema is not None else {}),
             })
             last_flush = clock()
-        _write_metrics(out, history)
+        if main:
+            _write_metrics(out, history)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_dice=f"{val_dice:.3f}")
         bar.update(1)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         epoch += 1
     bar.close()
-    plot_curves(history, out / "curves.png")
+    if main:
+        plot_curves(history, out / "curves.png")
     best = max(history, key=lambda h: -1 if math.isnan(h["val_dice"]) else h["val_dice"])
     summary = {"run": str(out), "epochs": plan["epochs"], "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
                "last_val_dice": history[-1]["val_dice"], "train_s": round(clock() - t_start, 1),
                "elapsed_s": history[-1]["elapsed_s"], "n_train": len(train_set.names), "n_val": len(val_set.names),
-               "images_seen": plan["epochs"] * steps_per_epoch * tc.batch_size if drop_last
+               "images_seen": plan["epochs"] * steps_per_epoch * global_batch if drop_last
                else plan["epochs"] * len(train_set.names),
                "cpu": meta["cpu"]["model"], "device": meta["device"], "bf16_autocast": amp}
     if tc.budget_minutes is not None:
         summary["budget_minutes"] = tc.budget_minutes
     if tc.budget_images is not None:
         summary["budget_images"] = tc.budget_images
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if dist.active:
+        summary["world_size"] = dist.world_size
+    if main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    dist.barrier()  # every process returns once the run folder is complete
     return summary
 
 
@@ -551,7 +673,8 @@ def configure(data_root: str | Path, preset: str = "default", overrides: Mapping
     base_data = (base or {}).get("data", {})
     mask_threshold = overrides.get("mask_threshold", base_data.get("mask_threshold"))
     max_pixels = overrides.get("max_pixels") or base_data.get("max_pixels") or DataConfig.max_pixels
-    data = load_dataset(data_root, mask_threshold, max_pixels, progress)
+    labels = overrides.get("labels", base_data.get("labels"))
+    data = load_dataset(data_root, mask_threshold, max_pixels, progress, labels=labels)
     device = overrides.get("device") or (base or {}).get("train", {}).get("device") or "auto"
     cfg = resolve_config(data_root, preset, data.stats, select_device(device).type, overrides, base)
     if cfg.plan is not None:

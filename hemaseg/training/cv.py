@@ -258,7 +258,10 @@ def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Pat
                f"{plan}); training curves are fold 0's. Cases with confidence <= {review['threshold']} are "
                f"flagged for review: {_share(review.get('flagged_share'))} of all scans and "
                f"{_share(review.get('missed_flagged_share'))} of the {review.get('n_missed')} scans whose lesion was "
-               f"missed; AUROC of confidence against failure {_num(review.get('auroc'))} (the earlier, entropy-only "
+               f"missed; AUROC of confidence against failure {_num(review.get('auroc'))} "
+               f"({review.get('method', 'rule')}; the margin rule alone: AUROC "
+               f"{_num(review.get('rule', {}).get('auroc'))}, missed lesions flagged "
+               f"{_share(review.get('rule', {}).get('missed_flagged_share'))}; the earlier, entropy-only "
                f"confidence: {_num(review.get('entropy_confidence', {}).get('auroc'))}, missed lesions flagged "
                f"{_share(review.get('entropy_confidence', {}).get('missed_flagged_share'))}). Spearman r of confidence vs "
                f"Dice: {_num(review.get('spearman_r'))}."])

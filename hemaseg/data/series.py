@@ -101,9 +101,11 @@ def _lesion_scan(rng: np.random.Generator, shape: tuple[int, int], spacing: tupl
     return np.round(np.clip(display, 0.0, 1.0) * 255.0).astype(np.uint8), mask
 
 
-def _dicom_bytes(pixels: np.ndarray, spacing: tuple[float, float], patient_id: str, uid_seed: str) -> bytes:
+def _dicom_bytes(pixels: np.ndarray, spacing: tuple[float, float], patient_id: str, uid_seed: str,
+                 study_seed: str) -> bytes:
     """A Part-10 ultrasound file: 8-bit MONOCHROME2 pixels, one 2-D ultrasound region over the whole image
-    calibrated in cm at `spacing` (x, y mm), BurnedInAnnotation NO, and `patient_id` as Patient ID."""
+    calibrated in cm at `spacing` (x, y mm), BurnedInAnnotation NO, `patient_id` as Patient ID, and seeded
+    study / series / instance UIDs (a visit is one study), so `--dicom-sr` / `--dicom-seg` can reference it."""
     import pydicom
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -118,6 +120,8 @@ def _dicom_bytes(pixels: np.ndarray, spacing: tuple[float, float], patient_id: s
     ds.SOPClassUID = UltrasoundImageStorage
     ds.SOPInstanceUID = uid
     ds.Modality = "US"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[study_seed])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
     ds.PatientID = patient_id
     ds.BurnedInAnnotation = "NO"
     ds.set_pixel_data(pixels, "MONOCHROME2", 8, generate_instance_uid=False)  # keep the seeded UID
@@ -150,9 +154,9 @@ def write_synthetic_series(
 ) -> Path:
     """Write one patient's follow-up into `out_dir`; returns the path of its `visits.csv`.
 
-    Per visit i (from 1) and plane P: `visitII_P.dcm` (a `size` = (height, width) px scan calibrated by an
-    ultrasound region at `spacing` = (x, y) mm/pixel, Patient ID `patient`) and `visitII_P_mask.png`
-    (0/255). `visits.csv` has the columns `track` reads (patient, lesion, site, date, plane, image, mask,
+    Per visit i (from 1) and plane P: `scans/visitII_P.dcm` (a `size` = (height, width) px scan calibrated by
+    an ultrasound region at `spacing` = (x, y) mm/pixel, Patient ID `patient`) and `masks/visitII_P.png`
+    (0/255): the layout `hemaseg measure --masks OUT/masks OUT/scans` and `predict ... OUT/scans` expect. `visits.csv` has the columns `track` reads (patient, lesion, site, date, plane, image, mask,
     birth_date, treatment_start as a date) and the truth of each scan: true_longest_mm (the ellipse's
     width), true_perpendicular_mm and true_thickness_mm (its height) and, on both rows of a visit with a
     transverse and a longitudinal plane, true_volume_mm3 = pi/6 L W H. Visit dates are `birth_date` +
@@ -182,11 +186,12 @@ def write_synthetic_series(
             rng = np.random.default_rng([seed, i, p])
             image, mask = _lesion_scan(rng, size, spacing, width, visit.depth_mm)
             name = f"visit{i:02d}_{plane}"
-            dicom = _dicom_bytes(image, spacing, patient, f"hemaseg-series-{seed}-{name}")
-            atomic_write_bytes(out / f"{name}.dcm", dicom, fsync=False)
-            save_png(out / f"{name}_mask.png", mask.astype(np.uint8) * 255, fsync=False)
+            dicom = _dicom_bytes(image, spacing, patient, f"hemaseg-series-{seed}-{name}",
+                                 f"hemaseg-series-{seed}-visit{i:02d}")
+            atomic_write_bytes(out / "scans" / f"{name}.dcm", dicom, fsync=False)
+            save_png(out / "masks" / f"{name}.png", mask.astype(np.uint8) * 255, fsync=False)
             rows.append({"patient": patient, "lesion": lesion, "site": site, "date": day.isoformat(),
-                         "plane": plane, "image": f"{name}.dcm", "mask": f"{name}_mask.png",
+                         "plane": plane, "image": f"scans/{name}.dcm", "mask": f"masks/{name}.png",
                          "birth_date": birth_date.isoformat(), "treatment_start": treatment,
                          "true_longest_mm": width, "true_perpendicular_mm": visit.depth_mm,
                          "true_thickness_mm": visit.depth_mm,

@@ -70,7 +70,7 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_P
         raise DataError(where, f"image too large: its pixel count exceeds the limit (raise {MAX_PIXELS_FLAG} if "
                                "this image is genuine)", "too_large") from None
     except UnidentifiedImageError:
-        head = source[:8] if isinstance(source, bytes) else _head(source)
+        head = source[:8] if isinstance(source, bytes) else read_head(source)
         if head.startswith(_SIGNATURES):  # the right kind of file, but too broken for PIL to open
             raise DataError(where, "cannot read image: the file is damaged or incomplete", "corrupt") from None
         raise DataError(where, "cannot read image: not a PNG, JPEG, BMP, TIFF or DICOM (recognised by its "
@@ -92,7 +92,8 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_P
     return im
 
 
-def _head(path: str | os.PathLike, n: int = 8) -> bytes:
+def read_head(path: str | os.PathLike, n: int = 8) -> bytes:
+    """A file's first `n` bytes (b"" when it cannot be read: the decoder then says why)."""
     try:
         with open(path, "rb") as f:
             return f.read(n)
@@ -127,7 +128,7 @@ def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX
     """A file or bytes -> Decoded(gray, format, mode[, dicom]); DataError naming `name` (or the path) if
     not. `frame` picks the frame of a multi-frame DICOM (cine) file; other formats have one."""
     where = name if name is not None else ("upload" if isinstance(source, bytes) else source)
-    head = source[:DICOM_HEAD_BYTES] if isinstance(source, bytes) else _head(source, DICOM_HEAD_BYTES)
+    head = source[:DICOM_HEAD_BYTES] if isinstance(source, bytes) else read_head(source, DICOM_HEAD_BYTES)
     if is_dicom(head):
         from hemaseg.data.dicom import read_dicom
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from hemaseg.data.dataset import natural_key
-from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, Decoded, decode_image
+from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, Decoded, decode_image, read_head
+from hemaseg.data.pixels import DICOM_HEAD_BYTES, is_dicom
 from hemaseg.evaluation.report import overlay_contours
 from hemaseg.inference.predictor import Predictor
 from hemaseg.io import atomic_write_bytes, png_bytes, write_csv
@@ -78,14 +79,25 @@ def read_frames(path: Path, frame: int | None, max_pixels: int | None) -> list[t
     if frame is not None:
         decoded = decode_image(path, max_pixels, frame=frame)
         return [(path.stem, decoded.dicom.frame_index if decoded.dicom else None, decoded)]
-    decoded = decode_image(path, max_pixels, frame=0)
-    if decoded.dicom is None or decoded.dicom.n_frames == 1:
-        return [(path.stem, 0 if decoded.dicom else None, decoded)]
+    if not is_dicom(read_head(path, DICOM_HEAD_BYTES)):
+        return [(path.stem, None, decode_image(path, max_pixels))]
     from hemaseg.data.dicom import read_dicom
 
-    scan = read_dicom(path, None, max_pixels)
-    return [(f"{path.stem}_frame{i:03d}", i, Decoded(scan.frames[i], "DICOM", scan.photometric, scan))
-            for i in range(scan.n_frames)]
+    scan = read_dicom(path, None, max_pixels)  # every frame, the file read once
+    names = [path.stem] if scan.n_frames == 1 else [f"{path.stem}_frame{i:03d}" for i in range(scan.n_frames)]
+    return [(name, i, Decoded(scan.frames[i], "DICOM", scan.photometric, scan)) for i, name in enumerate(names)]
+
+
+def write_tables(result: PredictResult, name: str, columns: Sequence[str]) -> None:
+    """The per-scan table `name`, lesions.csv and errors.csv (only when some scan failed: a rerun that
+    succeeded leaves no stale error list) of predict and measure, each written atomically."""
+    out = result.out_dir
+    write_csv(out / name, result.rows, columns)
+    write_csv(out / "lesions.csv", result.lesions, LESION_COLUMNS)
+    if result.errors:
+        write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
+    elif (out / "errors.csv").is_file():
+        (out / "errors.csv").unlink()
 
 
 def _write_outputs(files: dict[Path, bytes]) -> None:
@@ -201,10 +213,5 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
             log.warning("kept %d LabelMe file(s) already beside their scans (e.g. %s): they may hold corrections; "
                         "delete them to predict new outlines", len(result.labelme_kept), result.labelme_kept[0])
         # what was done is recorded even when the run stops early (an OS error, Ctrl-C, --fail-fast)
-        write_csv(out / "predictions.csv", result.rows, PREDICTION_COLUMNS)
-        write_csv(out / "lesions.csv", result.lesions, LESION_COLUMNS)
-        if result.errors:
-            write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
-        elif (out / "errors.csv").is_file():
-            (out / "errors.csv").unlink()  # a rerun that succeeded leaves no stale error list
+        write_tables(result, "predictions.csv", PREDICTION_COLUMNS)
     return result

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ class Prediction:
     def n_lesions(self) -> int:
         return count_lesions(self.mask)
 
-    @property
+    @cached_property  # predict, serve and finding() each ask; the head computes several maps' statistics
     def confidence(self) -> float:
         """0..1: a CV run's review head (the estimated probability that this answer is acceptable),
         else the margin rule (`postprocess.confidence`)."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from hemaseg.data.dataset import read_mask
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError
-from hemaseg.inference.files import ERROR_COLUMNS, PredictResult, collect_inputs, read_frames
-from hemaseg.io import atomic_write_bytes, write_csv
+from hemaseg.inference.files import PredictResult, collect_inputs, read_frames, write_tables
+from hemaseg.io import atomic_write_bytes
 from hemaseg.measure.calibration import Spacing
-from hemaseg.measure.scan import IMAGE_COLUMNS, LESION_COLUMNS, measure_scan
+from hemaseg.measure.scan import IMAGE_COLUMNS, measure_scan
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,5 @@ def measure_files(inputs: Sequence[str | os.PathLike], masks_dir: str | os.PathL
                 log.warning("skipped: %s", e)
                 result.errors.append({"image": str(path), "code": e.code, "problem": str(e)})
     finally:
-        write_csv(out / "measurements.csv", result.rows, MEASUREMENT_COLUMNS)
-        write_csv(out / "lesions.csv", result.lesions, LESION_COLUMNS)
-        if result.errors:
-            write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
-        elif (out / "errors.csv").is_file():
-            (out / "errors.csv").unlink()
+        write_tables(result, "measurements.csv", MEASUREMENT_COLUMNS)
     return result

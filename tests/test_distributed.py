@@ -83,18 +83,25 @@ if mode in ("crash", "hang"):  # fit joins the job itself, as `hemaseg train` un
     fit(cfg, base / mode, progress=False, on_epoch_end=fail_on_rank_1)
     sys.exit(0)
 
+def record(tag, payload):
+    # one write per line: both ranks share the pipe, unbuffered (PYTHONUNBUFFERED), and print() writes its
+    # pieces one by one, so two ranks' lines could interleave
+    sys.stdout.write(tag + " " + json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
 with distributed.session(torch.device("cpu")):  # one process group for the four fits
     try:
         fit(cfg, base / "used", progress=False)
     except Exception as e:
-        print("REFUSED", json.dumps({"rank": rank, "error": type(e).__name__, "message": str(e)}), flush=True)
+        record("REFUSED", {"rank": rank, "error": type(e).__name__, "message": str(e)})
     fit(cfg, base / "full", progress=False)
     try:
         fit(cfg, base / "cut", progress=False, on_epoch_end=stop_after_epoch_1)
     except Stop:
         pass
     fit(cfg, base / "cut", resume=True, progress=False)
-print("WRITES", json.dumps({"rank": rank, "writes": writes}), flush=True)
+record("WRITES", {"rank": rank, "writes": writes})
 '''
 
 

@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment new scans",
                        description="For each image: NAME_mask.png (0/255, original size), NAME_overlay.png "
                                    "(outline on the scan) and a row of predictions.csv with lesion measurements. "
-                                   "A scan that cannot be read is listed in errors.csv and skipped (exit status 1).")
+                                   "A scan that cannot be read is listed in errors.csv and skipped (exit status 1). "
+                                   "manifest.jsonl records each input done (--skip-existing resumes). Under torchrun "
+                                   "the inputs are shared out across the processes, each one to one process.")
     p.add_argument("run", help="run folder, cross-validation run folder, checkpoint file, or 'ultrasound' (the model "
                                 "shipped with hemaseg)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
@@ -287,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="resume a job into --out: skip the inputs its manifest.jsonl records as done whose outputs "
+                        "are all there (failed ones are tried again); refused if the model or settings differ")
     p.add_argument("--format", choices=["png", "labelme"], default="png",
                    help="png: masks, overlays and CSVs in --out (default); labelme: also NAME.json beside each "
                         "scan, each lesion's outline as a LabelMe polygon (imageData null) to correct in LabelMe "
@@ -550,9 +555,12 @@ def cmd_train(args) -> int:
 
 
 def _load(args, run=None):
+    from hemaseg.device import select_device
     from hemaseg.inference.predictor import load_model
+    from hemaseg.training.distributed import local_device
 
-    return load_model(run or args.run, device=args.device, threshold=args.threshold, tta=args.tta,
+    device = local_device(select_device(args.device))  # under torchrun: this process's GPU
+    return load_model(run or args.run, device=device, threshold=args.threshold, tta=args.tta,
                       postprocess=not args.no_postprocess, backend=args.backend)
 
 
@@ -604,10 +612,14 @@ def cmd_predict(args) -> int:
                            progress=not args.quiet, fail_fast=args.fail_fast,
                            max_pixels=args.max_pixels or DataConfig.max_pixels,
                            pixel_spacing=args.pixel_spacing, frame=args.frame, dicom_sr=args.dicom_sr,
-                           dicom_seg=args.dicom_seg, model_name=_model_label(args.run), labelme_tolerance=tolerance)
+                           dicom_seg=args.dicom_seg, model_name=_model_label(args.run), labelme_tolerance=tolerance,
+                           skip_existing=getattr(args, "skip_existing", False))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
     found = sum(r["n_lesions"] > 0 for r in result.rows)
     print(f"segmented {len(result.rows)} image(s), {found} with a lesion (backend {predictor.backend}); masks, "
-          f"overlays, predictions.csv and lesions.csv in {args.out}")
+          f"overlays, predictions.csv, lesions.csv and manifest.jsonl in {args.out}"
+          + (f" ({result.skipped} input(s) done before, skipped)" if result.skipped else ""))
     if labelme:
         print(f"LabelMe outlines (tolerance {tolerance:g} px) written beside {len(result.labelme)} scan(s)"
               + (f"; {len(result.labelme_kept)} existing NAME.json kept (they may hold corrections)"
@@ -699,6 +711,8 @@ def cmd_cv(args) -> int:
     cfg, data = _configure(args)
     result = run_cv(cfg, args.out, folds=args.folds, seed=args.fold_seed, progress=not args.quiet,
                     jobs=args.jobs, dataset=data)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
     s = result["summary"]
     print(f"out-of-fold Dice: plain {s['oof_dice_plain']:.4f}, TTA {s['oof_dice_tta']:.4f}, "
           f"final ({s['inference']} + postprocessing) {s['oof_dice_final']:.4f}; per fold "

@@ -62,7 +62,7 @@ def test_synth_check_train_resume_evaluate_predict(tmp_path, capsys):
     assert main(["-q", "predict", str(run), str(data / "images" / "3.png"), "--out", str(tmp_path / "pred"),
                  "--threshold", "0.4"]) == 0
     assert {p.name for p in (tmp_path / "pred").iterdir()} == {"3_mask.png", "3_overlay.png", "predictions.csv",
-                                                                "lesions.csv"}
+                                                                "lesions.csv", "manifest.jsonl"}
 
 
 def test_check_reports_problems_with_exit_status_1(tmp_path, capsys):

@@ -4,6 +4,7 @@ The torchrun tests start real processes (a few seconds of imports each), so they
 runs a refused run, a full run, an interrupted run and its resume in a single job.
 """
 
+import csv
 import json
 import os
 import socket
@@ -228,17 +229,121 @@ def test_a_rank_that_hangs_ends_the_job_at_the_collective_timeout(tiny_data, tmp
     assert "[rank0]" in proc.stderr and ("timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower())
 
 
-def test_hemaseg_train_runs_unchanged_under_torchrun(tiny_data, tmp_path):
-    (tmp_path / "sync.json").write_text(json.dumps({"train": {"sync_batchnorm": True}}))
-    run = tmp_path / "run"
-    proc = _launch(tmp_path, ["-m", "hemaseg.cli", "-q", "train", str(tiny_data), "--out", str(run),
-                              "--preset", "seed", "--config", str(tmp_path / "sync.json"), "--size", "32",
-                              "--epochs", "1", "--batch-size", "2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+# `hemaseg` commands in one 2-process job: train, predict sharded, predict --skip-existing, cv one fold per
+# process. Each step's file writes are recorded per rank, as in SCRIPT.
+CLI_SCRIPT = SCRIPT.split("import torch\n", 1)[0].replace(
+    "data, base, mode, settings = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])",
+    "steps, base, records = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])") + r"""
+import torch
+
+from hemaseg.cli import main
+from hemaseg.training import distributed
+
+# one process group for every command, which each join: a group created again on torchrun's store right
+# after one was destroyed can read the old group's addresses (one command per job does not meet this)
+with distributed.session(torch.device("cpu")) as dist:
+    for tag, argv in steps:
+        if tag == "rm":
+            if rank == 0:  # before the command: the next one sees it on rank 0, which alone reads the folder
+                Path(argv).unlink()
+            continue
+        writes.clear()
+        code = main(argv)
+        # each rank its own file: a line longer than a pipe's atomic write could interleave on a shared stdout
+        with open(records / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"tag": tag, "rank": rank, "code": code, "writes": list(writes)}) + "\n")
+        dist.barrier()
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_job(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "sync.json").write_text(json.dumps({"train": {"sync_batchnorm": True}}))
+    scans = tmp / "scans"
+    scans.mkdir()
+    for i, src in enumerate(sorted((tiny_data / "images").iterdir())[:7]):
+        (scans / f"s{i}.png").write_bytes(src.read_bytes())
+    (scans / "s7.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # one failure, on rank 1's shard
+    run, pred, cv = tmp / "run", tmp / "pred", tmp / "cv"
+    small = ["--preset", "seed", "--size", "32", "--epochs", "1", "--batch-size", "2"]
+    steps = [
+        ["train", ["-q", "train", str(tiny_data), "--out", str(run), "--config", str(tmp / "sync.json"), *small]],
+        ["predict", ["-q", "predict", str(run), str(scans), "--out", str(pred), "--backend", "torch"]],
+        ["rm", str(pred / "s4_mask.png")],
+        ["resume", ["-q", "predict", str(run), str(scans), "--out", str(pred), "--backend", "torch",
+                    "--skip-existing"]],
+        ["cv", ["-q", "cv", str(tiny_data), "--out", str(cv), "--folds", "2", *small]],
+    ]
+    records = tmp_path_factory.mktemp("cli_records")
+    (records / "job.py").write_text(CLI_SCRIPT)
+    proc = _launch(records, [str(records / "job.py"), json.dumps(steps), str(tmp), str(records)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = {}
+    for rank in (0, 1):
+        for line in (records / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            out.setdefault(record["tag"], {})[rank] = record
+    return tmp, out, proc
+
+
+def _renamed(record: dict) -> list[str]:
+    """The files a rank finished (atomic writes end in a rename), by name."""
+    return [Path(w.split(" ", 1)[1]).name for w in record["writes"] if w.startswith("os.rename")]
+
+
+def test_hemaseg_train_runs_unchanged_under_torchrun(cli_job):
+    tmp, steps, _ = cli_job
+    run = tmp / "run"
+    assert steps["train"][0]["code"] == steps["train"][1]["code"] == 0
+    assert steps["train"][1]["writes"] == []
     assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES)
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"]["sync_batchnorm"] and saved["meta"]["world_size"] == 2
     assert json.loads((run / "summary.json").read_text())["images_seen"] == 12  # 3 steps x 2 ranks x 2
+
+
+def test_predict_under_torchrun_writes_each_output_once_and_rank_0_merges_the_tables(cli_job):
+    tmp, steps, _ = cli_job
+    pred = tmp / "pred"
+    scans = [str(tmp / "scans" / f"s{i}.png") for i in range(8)]
+    by_rank = {r: _renamed(steps["predict"][r]) for r in (0, 1)}
+    masks = sorted(n for r in (0, 1) for n in by_rank[r] if n.endswith("_mask.png"))
+    assert masks == [f"s{i}_mask.png" for i in range(7)]  # each good scan written once, by one rank
+    assert {n for n in by_rank[1] if n.endswith("_mask.png")} == {"s1_mask.png", "s3_mask.png", "s5_mask.png"}
+    assert not {"predictions.csv", "manifest.jsonl", "errors.csv"} & set(by_rank[1])
+    assert steps["predict"][0]["code"] == 1  # a scan failed (s7, on rank 1): rank 0 reports it for the job
+    with open(pred / "predictions.csv", newline="") as f:
+        assert [row["image"] for row in csv.DictReader(f)] == scans[:7]  # input order, whichever rank did it
+    assert "s7.png" in (pred / "errors.csv").read_text()
+    entries = [json.loads(line) for line in (pred / "manifest.jsonl").read_text().splitlines()[1:]]
+    assert [(e["input"], e["order"], e["rank"]) for e in entries] == [(s, i, i % 2) for i, s in enumerate(scans)]
+    assert not list(pred.glob("manifest.part*"))
+
+
+def test_an_interrupted_archive_job_resumes_under_torchrun_with_skip_existing(cli_job):
+    tmp, steps, _ = cli_job
+    redone = sorted(n for r in (0, 1) for n in _renamed(steps["resume"][r]) if n.endswith("_mask.png"))
+    assert redone == ["s4_mask.png"]  # its mask was gone; the failed s7 was tried again and failed again
+    assert (tmp / "pred" / "s4_mask.png").is_file()
+    with open(tmp / "pred" / "predictions.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 7
+
+
+def test_cv_under_torchrun_trains_one_fold_per_process_and_rank_0_evaluates(cli_job):
+    tmp, steps, _ = cli_job
+    cv = tmp / "cv"
+    assert steps["cv"][0]["code"] == steps["cv"][1]["code"] == 0
+
+    def tops(record):  # the entries of the cv folder a rank wrote in (or created)
+        paths = [Path(w.split(" ", 1)[1]) for w in record["writes"]]
+        return {p.relative_to(cv).parts[0] if p != cv else "." for p in paths if p.is_relative_to(cv)}
+
+    assert tops(steps["cv"][1]) == {"fold_1"}  # rank 1 trained fold 2 and wrote nothing else
+    rank0 = tops(steps["cv"][0])
+    assert "fold_0" in rank0 and "fold_1" not in rank0 and "cv_summary.json" in rank0
+    for k in (0, 1):
+        assert json.loads((cv / f"fold_{k}" / "config.json").read_text())["meta"]["world_size"] == 1
 
 
 # --- the pieces, in one process --------------------------------------------------------------------

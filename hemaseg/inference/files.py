@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from hemaseg.data.dataset import natural_key
-from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, Decoded, decode_image, read_head
+from hemaseg.data.images import (
+    IMAGE_SUFFIXES,
+    MAX_PIXELS_DEFAULT,
+    DataError,
+    Decoded,
+    decode_image,
+    read_head,
+)
 from hemaseg.data.pixels import DICOM_HEAD_BYTES, is_dicom
 from hemaseg.evaluation.report import overlay_contours
+from hemaseg.inference import manifest
 from hemaseg.inference.predictor import Predictor
 from hemaseg.io import atomic_write_bytes, png_bytes, write_csv
 from hemaseg.measure.calibration import Spacing
@@ -71,6 +80,7 @@ class PredictResult:
     out_dir: Path | None = None
     labelme: list[Path] = field(default_factory=list)  # LabelMe files written beside their scans
     labelme_kept: list[Path] = field(default_factory=list)  # LabelMe files already there, left untouched
+    skipped: int = 0  # inputs a previous job into the folder had done (skip_existing)
 
 
 def read_frames(path: Path, frame: int | None, max_pixels: int | None) -> list[tuple[str, int | None, Decoded]]:
@@ -127,7 +137,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
                   progress: bool = True, fail_fast: bool = False,
                   max_pixels: int | None = MAX_PIXELS_DEFAULT, pixel_spacing: Spacing | None = None,
                   frame: int | None = 0, dicom_sr: bool = False, dicom_seg: bool = False,
-                  model_name: str | None = None, labelme_tolerance: float | None = None) -> PredictResult:
+                  model_name: str | None = None, labelme_tolerance: float | None = None,
+                  skip_existing: bool = False) -> PredictResult:
     """Write `<stem>_mask.png`, `<stem>_overlay.png` (and `<stem>_prob.png`) per image at its original
     size, `predictions.csv` with per-image figures (in mm where the scan is calibrated: see
     `measure.scan`), `lesions.csv` with each lesion's measurements and, when any scan failed, `errors.csv`.
@@ -139,8 +150,15 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     DICOM (LabelMe cannot open it) nor for the frames of a cine, and never over an existing file.
 
     A scan that cannot be read is recorded and skipped (`fail_fast` raises its DataError instead). OS
-    errors while writing (a full disk) stop the run: they would fail every later scan too."""
-    from tqdm import tqdm
+    errors while writing (a full disk) stop the run: they would fail every later scan too.
+
+    OUT/manifest.jsonl records every input done (`inference.manifest`); `skip_existing` skips the inputs a
+    previous job into OUT finished, so an interrupted archive job resumes where it stopped. Under torchrun
+    (WORLD_SIZE > 1) the inputs are dealt out across the processes, each input to one, and rank 0 writes
+    the manifest and the tables of all of them at the end; it returns them all, the other ranks their own."""
+    import torch
+
+    from hemaseg.training import distributed
 
     if labelme_tolerance is not None and labelme_tolerance < 0:
         raise ValueError(f"the LabelMe outline tolerance must be >= 0 px, got {labelme_tolerance}")
@@ -148,23 +166,86 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    result = PredictResult(out_dir=out)
+    order = [str(p) for p in files]
+    # the processes only coordinate (gloo on the CPU), whatever device the model runs on
+    with distributed.session(torch.device("cpu")) as dist:
+        with dist.agreed("opening the output folder"):
+            done: set[str] = set()
+            if dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                settings = manifest.predictor_settings(
+                    predictor, save_prob=save_prob, threshold_override=threshold, max_pixels=max_pixels,
+                    pixel_spacing=pixel_spacing, frame=frame, dicom_sr=dicom_sr, dicom_seg=dicom_seg,
+                    labelme_tolerance=labelme_tolerance)
+                done = manifest.start(out, settings, order, skip_existing).done(out)
+        done = dist.broadcast(done)
+        todo = [(i, p) for i, p in enumerate(files) if str(p) not in done]
+        mine = todo[dist.rank::dist.world_size]
+        if dist.is_main and done:
+            log.info("%s: %d of %d input(s) already done (--skip-existing)", out, len(files) - len(todo), len(files))
+        part = manifest.PartWriter(out, dist.rank)
+        result = PredictResult(out_dir=out)
+        finished = False
+        try:
+            with dist.agreed("predicting"):
+                _predict_shard(predictor, mine, out, part, result, save_prob, threshold, batch_size,
+                               progress and dist.is_main, fail_fast, max_pixels, pixel_spacing, frame, dicom_sr,
+                               dicom_seg, model_name, labelme_tolerance)
+            finished = True
+        finally:
+            part.close()
+            if result.labelme_kept:
+                log.warning("kept %d LabelMe file(s) already beside their scans (e.g. %s): they may hold "
+                            "corrections; delete them to predict new outlines", len(result.labelme_kept),
+                            result.labelme_kept[0])
+            # what was done is recorded even when the run stops early (an OS error, Ctrl-C, --fail-fast); the
+            # parts of other processes are merged only once they have all finished
+            if dist.is_main:
+                _merge(out, order, result, remove_parts=finished or not dist.active)
+        dist.barrier()  # every process returns once the tables are written
+    result.skipped = len(files) - len(todo)
+    return result
+
+
+def _merge(out: Path, order: list[str], result: PredictResult, remove_parts: bool) -> None:
+    """Rank 0: the parts into manifest.jsonl, and the tables from it (every input done by any process of
+    this job or, with --skip-existing, of the jobs before it)."""
+    state = manifest.Manifest.read(out)
+    entries = manifest.write_merged(out, state, order)
+    if remove_parts:
+        for path in manifest.part_paths(out):
+            path.unlink()
+    result.rows = [row for e in entries if e["status"] == "done" for row in e["rows"]]
+    result.lesions = [row for e in entries if e["status"] == "done" for row in e["lesions"]]
+    result.errors = [e["error"] for e in entries if e["status"] == "failed"]
+    write_tables(result, "predictions.csv", PREDICTION_COLUMNS)
+
+
+def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Path, part: manifest.PartWriter,
+                   result: PredictResult, save_prob, threshold, batch_size, progress, fail_fast, max_pixels,
+                   pixel_spacing, frame, dicom_sr, dicom_seg, model_name, labelme_tolerance) -> None:
+    """This process's inputs, each recorded in `part` once its outputs are written (or it failed)."""
+    from tqdm import tqdm
+
     noted: set[str] = set()  # DICOM outputs that could not be made, logged once each
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
     try:
-        for start in range(0, len(files), batch_size):
-            chunk = []  # (path, output name, frame, Decoded)
-            for path in files[start:start + batch_size]:
+        for start in range(0, len(items), batch_size):
+            chunk = []  # (input order, path, output name, frame, Decoded)
+            for i, path in items[start:start + batch_size]:
                 try:
-                    chunk += [(path, *item) for item in read_frames(path, frame, max_pixels)]
+                    chunk += [(i, path, *item) for item in read_frames(path, frame, max_pixels)]
                 except DataError as e:
                     if fail_fast:
                         raise
                     log.warning("skipped: %s", e)
-                    result.errors.append({"image": str(path), "code": e.code, "problem": e.problem})
+                    error = {"image": str(path), "code": e.code, "problem": e.problem}
+                    result.errors.append(error)
+                    part.add({"input": str(path), "order": i, "status": "failed", "error": error})
             probs = predictor.predict_proba_batch([d.gray for *_, d in chunk], batch_size)
-            for (path, name, index, decoded), prob in zip(chunk, probs):
+            entries: dict[Path, dict] = {}  # one per input, its frames' rows together
+            frames_left = Counter(path for _, path, *_ in chunk)
+            for (i, path, name, index, decoded), prob in zip(chunk, probs):
                 image = decoded.gray
                 pred = predictor.prediction(prob, threshold)
                 measured = measure_scan(decoded, pred.mask, pixel_spacing)
@@ -198,20 +279,24 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
                 _write_outputs(outputs)
                 if labelme is not None:
                     result.labelme.append(labelme)
-                result.rows.append({
+                row = {
                     "image": str(path), "frame": index, "width": image.shape[1], "height": image.shape[0],
                     "lesion_area_px": pred.area_px, "lesion_fraction": round(pred.area_px / image.size, 6),
                     "max_prob": round(float(prob.max()), 4), "confidence": round(pred.confidence, 4),
                     "needs_review": predictor.needs_review(pred.confidence), "finding": predictor.finding(pred),
                     **measured.image_row(),
-                })
-                result.lesions += measured.lesion_rows(str(path), index)
-            bar.update(len(files[start:start + batch_size]))
+                }
+                lesions = measured.lesion_rows(str(path), index)
+                result.rows.append(row)
+                result.lesions += lesions
+                entry = entries.setdefault(path, {"input": str(path), "order": i, "status": "done", "outputs": [],
+                                                  "rows": [], "lesions": []})
+                entry["outputs"] += [str(p.relative_to(out)) if p.parent == out else str(p) for p in outputs]
+                entry["rows"].append(row)
+                entry["lesions"] += lesions
+                frames_left[path] -= 1
+                if not frames_left[path]:  # the input's last frame: it is done
+                    part.add(entries.pop(path))
+            bar.update(len(items[start:start + batch_size]))
     finally:
         bar.close()
-        if result.labelme_kept:
-            log.warning("kept %d LabelMe file(s) already beside their scans (e.g. %s): they may hold corrections; "
-                        "delete them to predict new outlines", len(result.labelme_kept), result.labelme_kept[0])
-        # what was done is recorded even when the run stops early (an OS error, Ctrl-C, --fail-fast)
-        write_tables(result, "predictions.csv", PREDICTION_COLUMNS)
-    return result

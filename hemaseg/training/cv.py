@@ -8,6 +8,12 @@ RUN/fold_K/                a normal training run per fold (resumable)
 RUN/postprocessing.json    steps that raised out-of-fold Dice (predict applies them)
 RUN/confidence.json        needs_review threshold and the confidence-Dice correlation
 RUN/oof/per_image.csv, RUN/oof/summary.json, RUN/cv_summary.json
+
+Folds train one per device, as nnU-Net advises (a small UNet does not fill a GPU, and a fold's
+processes would only wait for each other): `jobs` folds at once as processes of this machine, each on
+its own GPU where there are several (`fold_devices`), or under torchrun one process per GPU or node,
+rank r training folds r, r + world_size, ... (the run folder on storage every node sees). Rank 0 alone
+writes folds.json and evaluates once every fold is trained.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from hemaseg.inference.postprocess import decide_plan
 from hemaseg.inference.predictor import FOLD_WEIGHTS, load_model
 from hemaseg.inference.review import ReviewHead, review_features
 from hemaseg.io import atomic_write_text, json_safe, save_png
+from hemaseg.training import distributed
 from hemaseg.training.train import fit
 
 log = logging.getLogger(__name__)
@@ -112,52 +119,76 @@ def fit_review(rows: list[dict], failed: np.ndarray, dice: np.ndarray, missed: n
 
 
 def _train_fold(cfg: RunConfig, fold_dir: Path, split: dict, resume: bool, progress: bool,
-                threads: int | None = None, dataset=None) -> None:
+                threads: int | None = None, dataset=None, device: str | None = None) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     # a fold folder belongs to the cross-validation: one left by a fold killed before its first
-    # checkpoint is started over
+    # checkpoint is started over. Each fold trains in this process alone, under torchrun too.
     fit(cfg, fold_dir, resume=resume, progress=progress, split=None if resume else split, overwrite=not resume,
-        dataset=dataset)
+        dataset=dataset, world=distributed.SINGLE)
 
 
-def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = True, jobs: int = 1,
-                dataset=None) -> None:
-    """Train every fold not finished yet (resuming interrupted ones). `jobs` > 1 trains that many folds
-    at once, each in its own process with an even share of the CPU threads: on a GPU one small UNet
-    leaves the card mostly idle (its data loading is the bottleneck), so parallel folds finish a CV
-    several times sooner."""
+def pending_folds(out: Path, split: list[dict]) -> list[tuple[int, Path, dict, bool]]:
+    """(fold, folder, split, resume) of every fold not finished yet (interrupted ones resume)."""
     pending = []
     for k, fold in enumerate(split):
         fold_dir = out / f"fold_{k}"
         if (fold_dir / "summary.json").is_file():
             log.info("fold %d/%d already trained", k + 1, len(split))
             continue
-        resume = (fold_dir / "last.pt").is_file()
-        pending.append((k, fold_dir, {"train": fold["train"], "val": fold["val"]}, resume))
+        pending.append((k, fold_dir, {"train": fold["train"], "val": fold["val"]}, (fold_dir / "last.pt").is_file()))
+    return pending
+
+
+def fold_devices(device: str, slots: int) -> list[str | None]:
+    """The device of each of `slots` folds trained at once: CUDA folds share out the visible GPUs in
+    turn (slot i on cuda:i mod count), anything else keeps the configured device (None)."""
+    import torch
+
+    from hemaseg.device import select_device
+
+    if select_device(device).type != "cuda" or torch.cuda.device_count() <= 1 or ":" in str(device):
+        return [None] * slots
+    return [f"cuda:{i % torch.cuda.device_count()}" for i in range(slots)]
+
+
+def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = True, jobs: int = 1,
+                dataset=None, pending: list | None = None, device: str | None = None) -> None:
+    """Train every fold not finished yet (`pending`, default `pending_folds`). `jobs` > 1 trains that many
+    folds at once, each in its own process with an even share of the CPU threads and, on a machine with
+    several GPUs, its own GPU: on a GPU one small UNet leaves the card mostly idle (its data loading is the
+    bottleneck), so parallel folds finish a CV several times sooner. `device` overrides the config's."""
+    pending = pending_folds(out, split) if pending is None else pending
     if jobs <= 1 or len(pending) <= 1:
         for k, fold_dir, fold_split, resume in pending:
             log.info("fold %d/%d: %s", k + 1, len(split), "resuming" if resume else "training")
-            _train_fold(cfg, fold_dir, fold_split, resume, progress, dataset=dataset)
+            _train_fold(cfg, fold_dir, fold_split, resume, progress, dataset=dataset, device=device)
         return
     log.info("training folds %s, %d at once", ", ".join(str(k + 1) for k, *_ in pending), jobs)
     # spawn, not fork: a forked child would inherit an initialised CUDA context or OpenMP pool
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, available_cpus() // min(jobs, len(pending)))
-    running: dict[int, tuple[int, multiprocessing.Process]] = {}  # sentinel -> (fold, process)
+    slots = min(jobs, len(pending))
+    threads = max(1, available_cpus() // slots)
+    devices = fold_devices(cfg.train.device, slots)
+    free = list(range(slots))
+    running: dict[int, tuple[int, int, multiprocessing.Process]] = {}  # sentinel -> (fold, slot, process)
     failed = []
     queue = list(pending)
     while queue or running:
-        while queue and len(running) < jobs:
+        while queue and free:
             k, fold_dir, fold_split, resume = queue.pop(0)
-            proc = ctx.Process(target=_train_fold, args=(cfg, fold_dir, fold_split, resume, False, threads),
-                               name=f"fold_{k}")
+            slot = free.pop(0)
+            proc = ctx.Process(target=_train_fold, args=(cfg, fold_dir, fold_split, resume, False, threads, None,
+                                                         devices[slot] or device), name=f"fold_{k}")
             proc.start()
-            running[proc.sentinel] = (k, proc)
+            running[proc.sentinel] = (k, slot, proc)
         for sentinel in wait(list(running)):  # refill a slot as soon as any fold ends
-            k, proc = running.pop(sentinel)
+            k, slot, proc = running.pop(sentinel)
+            free.append(slot)
             proc.join()
             if proc.exitcode != 0:
                 failed.append(k)
@@ -171,11 +202,43 @@ def train_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool = T
 def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, progress: bool = True,
            jobs: int = 1, dataset=None) -> dict:
     """Train every fold (skipping finished ones, resuming interrupted ones), then evaluate out of fold.
-    `dataset` (from `load_dataset`) saves each fold trained in this process from reading the data again."""
+    `dataset` (from `load_dataset`) saves each fold trained in this process from reading the data again.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains its share of the folds on its own device and
+    rank 0 evaluates them once all are trained; the other ranks return the summary without the rows."""
+    import torch
+
+    from hemaseg.device import select_device
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    split = make_folds(cfg, out, folds, seed)
-    train_folds(cfg, out, split, progress, jobs, dataset)
+    with distributed.session(torch.device("cpu")) as dist:  # gloo only coordinates: each fold trains alone
+        if dist.active and jobs > 1:
+            raise ValueError("--jobs N trains folds as processes of one machine; under torchrun each process "
+                             "already trains its own folds: leave --jobs at 1")
+        with dist.agreed("writing the folds"):
+            split, pending = None, None
+            if dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                split = make_folds(cfg, out, folds, seed)
+                pending = pending_folds(out, split)
+        split, pending = dist.broadcast((split, pending))
+        device = str(distributed.local_device(select_device(cfg.train.device))) if dist.active else None
+        with dist.agreed("training the folds"):
+            mine = pending[dist.rank::dist.world_size]
+            if dist.active:
+                log.info("rank %d trains fold(s) %s on %s", dist.rank, ", ".join(str(k + 1) for k, *_ in mine) or
+                         "none", device)
+            train_folds(cfg, out, split, progress and dist.is_main, jobs, dataset, mine, device)
+        summary = None
+        if dist.is_main:
+            result = _evaluate_folds(cfg, out, split, progress)
+            summary = result["summary"]
+        summary = dist.broadcast(summary)
+    return result if dist.is_main else {"summary": summary, "rows": []}
+
+
+def _evaluate_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool) -> dict:
+    """Out-of-fold evaluation of the trained folds: TTA, postprocessing and review decided, reports written."""
 
     variants = {"plain": [], "tta": []}
     for k, fold in enumerate(split):

@@ -270,6 +270,15 @@ def convert_sync_batchnorm(model: nn.Module) -> int:
     return n
 
 
+def local_device(device: torch.device, environ: Mapping[str, str] | None = None) -> torch.device:
+    """The device a process of a torchrun job works on before it joins the group (a predictor that loads
+    first): CUDA means cuda:LOCAL_RANK, as `Distributed.device`; outside torchrun `device` itself."""
+    env = os.environ if environ is None else environ
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    return Distributed(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))).device(device)
+
+
 def shard(n: int, rank: int, world_size: int) -> range:
     """The items of n this process takes when items are dealt out in turn: rank, rank + world, ..."""
     return range(rank, n, world_size)

@@ -27,6 +27,7 @@ processes as the run was trained with (the global batch is part of the training)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -368,7 +369,8 @@ def _settings_changed(saved: dict, cfg: RunConfig) -> list[str]:
 def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
         on_epoch_end: Callable[[int, dict], None] | None = None, dataset: LoadedDataset | None = None,
         split: Mapping | None = None, overwrite: bool = False, allow_changed_data: bool = False,
-        epochs: int | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+        epochs: int | None = None, clock: Callable[[], float] = time.perf_counter,
+        world: Distributed | None = None) -> dict:
     """Train per `cfg`, writing the run folder described above. Returns the final summary dict.
 
     `dataset` is the data already read by `load_dataset` (read here when not given); `split` a fixed
@@ -378,8 +380,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     by raising); under torchrun on every process.
 
     Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its share of the run
-    (distributed.py; the module docstring above); every process returns the summary."""
-    with distributed.session(select_device(cfg.train.device)) as dist:
+    (distributed.py; the module docstring above); every process returns the summary. `world` overrides
+    the environment: `distributed.SINGLE` trains in this process alone (a cross-validation fold)."""
+    session = distributed.session(select_device(cfg.train.device)) if world is None else contextlib.nullcontext(world)
+    with session as dist:
         return _fit(cfg, Path(out_dir), resume, progress, on_epoch_end, dataset, split, overwrite,
                     allow_changed_data, epochs, clock, dist)
 

@@ -128,8 +128,8 @@ def _add_backend_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from hemaseg.config import ARCHS, INITS, LOSSES, NORMALIZATIONS, NORMS, PRECISIONS, PRESETS, AugmentConfig, \
-        DataConfig, InferenceConfig, ModelConfig, TrainConfig
+    from hemaseg.config import ARCHS, AUGMENT_ON, INITS, LOSSES, NORMALIZATIONS, NORMS, PRECISIONS, PRESETS, \
+        AugmentConfig, DataConfig, InferenceConfig, ModelConfig, TrainConfig
 
     d, m, tr = DataConfig(), ModelConfig(), TrainConfig()
     g = p.add_argument_group("recipe")
@@ -201,6 +201,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float,
                    help=f"probability threshold for masks, used in validation and stored for inference "
                         f"(default {InferenceConfig().threshold})")
+    g.add_argument("--augment-on", choices=list(AUGMENT_ON),
+                   help="where augmentation runs: loader = pair by pair on the CPU (MONAI), batch = whole batches on "
+                        "the training device (torch); auto = batch on CUDA, loader on the CPU (default auto)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where the training cache of letterboxed uint8 scans goes, reused by every run, fold and "
+                        "process on the same data and size (default: env HEMASEG_CACHE_DIR, else ~/.cache/hemaseg)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without augmentation (flips, affine, intensity: " + ", ".join(
                        f"{k} {v}" for k, v in vars(AugmentConfig()).items() if k.endswith("_p") or "flip" in k) + ")")

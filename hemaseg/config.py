@@ -51,6 +51,10 @@ INITS = {
 NORMS = ("batch", "instance", "group", "none")
 NORMALIZATIONS = ("zscore", "unit")
 PRECISIONS = ("auto", "fp32", "bf16")
+# where training augments: "loader" pair by pair on the CPU (MONAI, data/transforms.py), "batch" whole
+# batches on the training device (torch, data/batch_augment.py); "auto": batch on CUDA, where the GPU would
+# otherwise wait for the CPU loader, loader on the CPU
+AUGMENT_ON = ("auto", "loader", "batch")
 LOSSES = ("dice_bce", "dice_focal")
 BACKENDS = {
     "auto": "the fastest backend that matches eager fp32 on this machine (measured when the model loads)",
@@ -84,6 +88,7 @@ class DataConfig:
     mask_threshold: float | None = None
     labels: tuple[str, ...] | None = None  # annotation datasets (data.formats): the lesion labels; None: all
     max_pixels: int = 50_000_000  # a scan larger than this is refused from its header (decompression bombs)
+    cache_dir: str | None = None  # the training cache (data/cache.py); None: HEMASEG_CACHE_DIR or ~/.cache/hemaseg
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
@@ -184,6 +189,7 @@ class TrainConfig:
     init: str = "none"  # where the weights start (INITS)
     encoder_lr_scale: float = 0.1  # a pretrained encoder learns at this fraction of lr (its features are good)
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch (distributed.py)
+    augment_on: str = "auto"  # AUGMENT_ON: per pair in the loader (MONAI) or per batch on the device
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_s < 0:
@@ -200,6 +206,7 @@ class TrainConfig:
         _one_of("loss", self.loss, LOSSES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("init", self.init, INITS)
+        _one_of("augment_on", self.augment_on, AUGMENT_ON)
         if not self.encoder_lr_scale > 0:
             raise ConfigError("encoder_lr_scale", f"must be > 0, got {self.encoder_lr_scale}")
         if self.num_workers is not None and self.num_workers < 0:

@@ -1,5 +1,7 @@
 """Tiny synthetic datasets and a tiny trained run, shared by the tests (CPU, seconds)."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,16 @@ from hemaseg.data.synth import write_synthetic_dataset
 # The test tensors are tiny: splitting each op across cores costs more in OpenMP fork/join than it
 # saves, and on a busy 2-core machine oversubscribed threads slow the suite several-fold.
 torch.set_num_threads(1)
+
+# training caches (data/cache.py) go to a folder of this test session, never the user's ~/.cache; the
+# torchrun and CLI subprocesses inherit it
+TEST_CACHE_DIR = os.environ["HEMASEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="hemaseg-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(TEST_CACHE_DIR, ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -179,9 +179,12 @@ def test_two_processes_train_the_model_one_process_trains_at_the_global_batch(jo
     """2 ranks x batch 2 = 1 process x batch 4: the same batches, the same global-batch loss and
     BatchNorm statistics; only the summation order differs.
 
-    Measured (9 AdamW steps): weights 1.0e-4 apart in relative L2, as far as two 1-process runs on 1 and
-    2 threads are; the train loss agrees to 1e-6. Without SyncBatchNorm they were 6.4e-3 apart (loss
-    1.4e-3), with per-rank Dice losses averaged instead of the global batch's Dice 1.4e-3 (loss 5e-3)."""
+    Measured (9 AdamW steps, inputs from the uint8 training cache): weights 7.5e-4 apart in relative L2,
+    as far as two 1-process runs on 1 and 2 threads are (6.8e-4); the train loss agrees to 1.3e-4 (threads:
+    7.4e-5), the validation Dice of a barely trained model (0.15, many pixels near the threshold) to 2.2e-3
+    (threads: 4.4e-4); the tolerances sit above those floors. Before the
+    cache (float32 inputs) those were 1.0e-4 and 1.0e-4; then, without SyncBatchNorm they were 6.4e-3
+    apart (loss 1.4e-3), with per-rank Dice losses averaged instead of the global batch's Dice 1.4e-3."""
     tmp, _ = job
     dist_run = load_checkpoint(tmp / "runs" / "full" / "last.pt")
     single = load_checkpoint(tmp / "single" / "last.pt")
@@ -192,10 +195,10 @@ def test_two_processes_train_the_model_one_process_trains_at_the_global_batch(jo
     assert a.keys() == b.keys()
     weights = [k for k in b if b[k].is_floating_point() and "running" not in k]
     stats = [k for k in b if "running" in k]
-    assert _relative_l2(a, b, weights) < 5e-4 and _relative_l2(a, b, stats) < 5e-4
+    assert _relative_l2(a, b, weights) < 1.5e-3 and _relative_l2(a, b, stats) < 1.5e-3
     for got, want in zip(dist_run["history"], single["history"], strict=True):
-        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
-        assert got["val_dice"] == pytest.approx(want["val_dice"], abs=2e-3)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=3e-4)
+        assert got["val_dice"] == pytest.approx(want["val_dice"], abs=5e-3)
         assert got["lr"] == want["lr"]
 
 

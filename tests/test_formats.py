@@ -360,7 +360,8 @@ def test_check_names_every_problem_in_malformed_labelme_files(tmp_path):
         for f in root.glob(f"{name}.*"):
             f.unlink()
     data = load_dataset(root, labels=["lesion"])
-    assert sorted(data.masks) == ["cross", "ok", "out"] and data.masks["out"][10:18, 20:].any()
+    masks = {sample.name: load_sample(sample)[1] for sample in data.samples}
+    assert sorted(data.shapes) == sorted(masks) == ["cross", "ok", "out"] and masks["out"][10:18, 20:].any()
 
 
 # --------------------------------------------------------------------------------------------- CVAT
@@ -534,8 +535,9 @@ def test_predict_to_labelme_correct_by_hand_then_train_on_the_corrections(tiny_r
     again = predict_files(model, [scans], tmp_path / "out", progress=False, labelme_tolerance=1.0)
     assert len(again.labelme_kept) == len(truth) and not again.labelme  # corrections are never overwritten
     data = load_dataset(scans)
+    read = {sample.name: load_sample(sample)[1] for sample in data.samples}
     for name, mask in truth.items():
-        both = (data.masks[name] & mask).sum() / max(1, (data.masks[name] | mask).sum())
+        both = (read[name] & mask).sum() / max(1, (read[name] | mask).sum())
         assert both > 0.8 or not mask.any(), name
     summary = fit(tiny_config(scans, epochs=1), tmp_path / "run", progress=False)
     assert summary["epochs"] == 1

@@ -215,7 +215,7 @@ def test_check_and_training_data_accept_dicom_scans(tmp_path):
     report = check_dataset(root)
     assert report.n_pairs == 3 and not report.problems
     loaded = load_dataset(root)
-    assert sorted(loaded.images) == ["s0", "s1", "s2"] and loaded.images["s0"].shape == (H, W)
+    assert sorted(loaded.shapes) == ["s0", "s1", "s2"] and loaded.shapes["s0"] == (H, W)
 
 
 def test_serve_measures_dicom_uploads_in_mm_and_pngs_with_a_spacing_parameter(tiny_run):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from hemaseg.data.batch_augment import BatchAugment
 from hemaseg.data.transforms import (
     AugmentConfig,
     augment,
@@ -42,33 +43,44 @@ def test_zscore_uses_only_real_pixels():
     assert normalize(np.full((4, 4), 0.5, np.float32), None, "unit").max() == 0
 
 
-def test_augmentation_moves_image_and_mask_together():
+def _augment_copies(path: str, cfg: AugmentConfig, image: np.ndarray, mask: np.ndarray, seed: int, n: int):
+    """n augmented copies of one (image, mask) pair as (n, 1, H, W) tensors: by the MONAI path, one pair
+    per seed (seed, seed + 1, ...), or by the batch path (BatchAugment on the CPU), one call per batch."""
+    size = image.shape[-1]
+    if path == "monai":
+        pipe = build_augmentation(cfg, size)
+        pairs = [augment(pipe, image.copy(), mask.copy(), seed + i) for i in range(n)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    images = torch.from_numpy(image)[None, None].repeat(n, 1, 1, 1)
+    masks = torch.from_numpy(mask)[None, None].repeat(n, 1, 1, 1)
+    return BatchAugment(cfg, size)(images, masks, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("path", ["monai", "batch"])
+def test_augmentation_moves_image_and_mask_together(path):
     """Augment a mask-shaped image: afterwards the image's bright pixels must still be the mask."""
-    rng = np.random.default_rng(1)
     mask = np.zeros((64, 64), np.float32)
     mask[10:30, 20:50] = 1
     mask[40:55, 5:15] = 1
     cfg = AugmentConfig(hflip=0.5, vflip=0.5, affine_p=1.0, gamma_p=0, contrast_p=0, blur_p=0, noise_p=0, speckle_p=0)
-    pipe = build_augmentation(cfg, 64)
+    images, masks = _augment_copies(path, cfg, mask, mask, 0, 12)
+    assert images.shape == masks.shape == (12, 1, 64, 64)
     moved = 0
-    for seed in range(12):
-        img_t, mask_t = augment(pipe, mask.copy(), mask.copy(), seed)
-        assert img_t.shape == mask_t.shape == (1, 64, 64)
+    for i, (img_t, mask_t) in enumerate(zip(images, masks)):
         agree = ((img_t[0] > 0.5) == (mask_t[0] > 0.5)).float().mean().item()
-        assert agree > 0.99, f"seed {seed}: image and mask disagree on {1 - agree:.1%} of pixels"
+        assert agree > 0.99, f"sample {i}: image and mask disagree on {1 - agree:.1%} of pixels"
         moved += not np.array_equal(mask_t[0].numpy(), mask)
     assert moved >= 10  # the geometric transforms really did something
-    del rng
 
 
-def test_intensity_augmentation_leaves_the_mask_untouched_and_is_seeded():
+@pytest.mark.parametrize("path", ["monai", "batch"])
+def test_intensity_augmentation_leaves_the_mask_untouched_and_is_seeded(path):
     cfg = AugmentConfig(hflip=0, affine_p=0, gamma_p=1, contrast_p=1, blur_p=1, noise_p=1, speckle_p=1)
-    pipe = build_augmentation(cfg, 32)
     image = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
     mask = (np.random.default_rng(1).random((32, 32)) > 0.7).astype(np.float32)
-    a_img, a_mask = augment(pipe, image, mask, 7)
-    b_img, _ = augment(pipe, image, mask, 7)
-    c_img, _ = augment(pipe, image, mask, 8)
-    assert torch.equal(a_mask[0], torch.from_numpy(mask))
+    a_img, a_mask = _augment_copies(path, cfg, image, mask, 7, 1)
+    b_img, _ = _augment_copies(path, cfg, image, mask, 7, 1)
+    c_img, _ = _augment_copies(path, cfg, image, mask, 8, 1)
+    assert torch.equal(a_mask[0, 0], torch.from_numpy(mask))
     assert torch.equal(a_img, b_img) and not torch.equal(a_img, c_img)
-    assert not torch.allclose(a_img[0], torch.from_numpy(image))
+    assert not torch.allclose(a_img[0, 0], torch.from_numpy(image))

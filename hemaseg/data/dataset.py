@@ -584,13 +584,14 @@ def dataset_fingerprint(samples: Sequence[Sample]) -> str:
 
 @dataclass
 class LoadedDataset:
-    """Every pair of a dataset decoded once: what training needs before its first epoch (the plan's
-    statistics, the fingerprint that identifies the data, and the pixels to cache)."""
+    """Every pair of a dataset read and checked once: what training needs before its first epoch (the
+    plan's statistics and the fingerprint that identifies the data). The pixels are not kept: a dataset
+    may be larger than the memory; training reads them from its cache (data/cache.py), built from the
+    files on first use."""
 
     root: Path
     samples: list[Sample]
-    images: dict[str, np.ndarray]  # name -> float32 HxW in [0, 1]
-    masks: dict[str, np.ndarray]  # name -> bool HxW
+    shapes: dict[str, tuple[int, int]]  # name -> (H, W) of the scan
     fingerprint: str
     stats: DatasetStats
 
@@ -605,7 +606,7 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
     one warning)."""
     _check_threshold(mask_threshold)
     samples = sorted(find_samples(root, labels=labels), key=lambda s: natural_key(s.name))
-    fp, images, masks, shared = _Fingerprint(), {}, {}, {}
+    fp, shapes, fractions, shared = _Fingerprint(), {}, [], {}
     suspect = 0
     for sample in tqdm(samples, desc="load", unit="img", disable=not progress, leave=False):
         fp.add_sample(sample.name)
@@ -621,7 +622,8 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
             if read.mask is None:
                 raise next(p for p in read.problems if p.code != SUSPECT)
             suspect += len(read.problems)
-            images[sample.name], masks[sample.name] = image, read.mask
+            shapes[sample.name] = image.shape
+            fractions.append(float(read.mask.mean()))
             continue
         mask = np.zeros(image.shape, dtype=bool)
         for mask_path in sample.mask_paths:
@@ -631,17 +633,17 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
             if m.shape != image.shape:
                 raise _size_mismatch(mask_path, m.shape, sample.image_path, image.shape)
             mask |= m
-        images[sample.name], masks[sample.name] = image, mask
+        shapes[sample.name] = image.shape
+        fractions.append(float(mask.mean()))
     _finish_shared(fp, shared)
     if suspect:
         logger.warning("%s: %d shape(s) cross themselves or reach outside their image; they are read as drawn "
                        "(`hemaseg check %s` lists them)", root, suspect, root)
-    longer = sorted(max(im.shape) for im in images.values())
-    fractions = [float(m.mean()) for m in masks.values()]
+    longer = sorted(max(shape) for shape in shapes.values())
     stats = DatasetStats(n_pairs=len(samples), median_longer_side=longer[len(longer) // 2] if longer else 0,
                          lesion_fraction_mean=float(np.mean(fractions)) if fractions else math.nan,
                          n_empty_masks=sum(f == 0.0 for f in fractions))
-    return LoadedDataset(Path(root), samples, images, masks, fp.hexdigest(), stats)
+    return LoadedDataset(Path(root), samples, shapes, fp.hexdigest(), stats)
 
 
 # --------------------------------------------------------------------------------------------- groups

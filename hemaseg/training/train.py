@@ -16,8 +16,12 @@ Run folders are consistent or refused: the data is read and checked before anyth
 fresh run into a folder that holds files is refused unless `overwrite`; a resume checks the data's
 fingerprint and the settings against the run's and refuses a change unless `allow_changed_data`.
 
-Each sample's augmentation is seeded by (seed, epoch, index) and each epoch's order by (seed,
-epoch), so a resumed run retraces the uninterrupted one exactly.
+The scans come from the training cache (data/cache.py): letterboxed once per dataset and size into
+memory-mapped uint8 files shared by every run, fold and process, so training holds no copy of the data.
+
+Each sample's augmentation is seeded by (seed, epoch, index) (on the device: each batch's by (seed,
+epoch, step, rank)) and each epoch's order by (seed, epoch), so a resumed run retraces the uninterrupted
+one exactly.
 
 Under torchrun the same run is trained by several processes (distributed.py): `batch_size` per process,
 the single-process epoch order dealt out across them, the loss and validation Dice those of the whole
@@ -36,7 +40,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,7 +64,9 @@ from hemaseg.data.dataset import (
     save_split,
     split_train_val,
 )
-from hemaseg.data.transforms import Letterbox, augment, build_augmentation, letterbox, normalize
+from hemaseg.data.batch_augment import BatchAugment
+from hemaseg.data.cache import ScanCache, open_or_build
+from hemaseg.data.transforms import augment, build_augmentation, normalize
 from hemaseg.device import available_cpus, bf16_supported, describe_cpu, select_device
 from hemaseg.evaluation.metrics import dice
 from hemaseg.evaluation.report import plot_curves
@@ -82,33 +88,40 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (not empty, nothing to resume, data changed)."""
 
 
-@dataclass
 class CachedSet:
-    """Scans letterboxed once, kept in memory for every epoch."""
+    """A split's scans in the training cache (data/cache.py), read as the network sees them: the stored
+    uint8 letterboxed scan normalised on the way out (float32), its mask, its geometry and its mask at
+    the original size. Nothing is copied into memory: each read takes the scan from the memory map."""
 
-    names: list[str]
-    images: np.ndarray  # (N, S, S) float32, normalised
-    masks: np.ndarray  # (N, S, S) float32 in {0, 1}
-    boxes: list[Letterbox]
-    orig_masks: list[np.ndarray]  # bool, each at its image's original size
+    def __init__(self, cache: ScanCache, names: Sequence[str], method: str):
+        row = {name: i for i, name in enumerate(cache.names)}
+        self.cache, self.method, self.names = cache, method, list(names)
+        self.rows = np.array([row[n] for n in self.names], np.int64)
+        self.boxes = [cache.boxes[r] for r in self.rows]
 
+    def image(self, i: int) -> np.ndarray:
+        """Scan i normalised, float32 (S, S)."""
+        r = self.rows[i]
+        stored = np.asarray(self.cache.images[r], np.float32) * np.float32(1 / 255)
+        if self.method == "unit":
+            return normalize(stored, None, "unit")
+        mean, std = self.cache.stats[r]
+        return ((stored - np.float32(mean)) / np.float32(max(std, 1e-6))).astype(np.float32)
 
-def cache_samples(names: list[str], data: LoadedDataset, size: int, method: str) -> CachedSet:
-    images, masks, boxes, orig = [], [], [], []
-    for name in names:
-        boxed, boxed_mask, box = letterbox(data.images[name], size, data.masks[name])
-        images.append(normalize(boxed, box, method))
-        masks.append(boxed_mask)
-        boxes.append(box)
-        orig.append(data.masks[name])
-    empty = np.zeros((0, size, size), np.float32)
-    return CachedSet(list(names), np.stack(images) if names else empty, np.stack(masks) if names else empty,
-                     boxes, orig)
+    def images(self, idx: Sequence[int]) -> np.ndarray:
+        return np.stack([self.image(i) for i in idx]) if len(idx) else np.zeros((0, 1, 1), np.float32)
+
+    def mask(self, i: int) -> np.ndarray:
+        return np.asarray(self.cache.masks[self.rows[i]], np.float32)
+
+    def orig_mask(self, i: int) -> np.ndarray:
+        return self.cache.original_mask(int(self.rows[i]))
 
 
 class AugmentedPairs(Dataset):
-    """In-memory pairs with per-(seed, epoch, index) seeded paired augmentation. Indexed by
-    (epoch, index) pairs from EpochSampler, so persistent worker processes need no epoch update."""
+    """Cached pairs with per-(seed, epoch, index) seeded paired augmentation (`pipeline` None: as they
+    are, for augmentation of whole batches on the device). Indexed by (epoch, index) pairs from
+    EpochSampler, so persistent worker processes need no epoch update."""
 
     def __init__(self, cached: CachedSet, pipeline, seed: int):
         self.cached, self.pipeline, self.seed = cached, pipeline, seed
@@ -118,8 +131,11 @@ class AugmentedPairs(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
+        image, mask = self.cached.image(i), self.cached.mask(i)
+        if self.pipeline is None:
+            return torch.from_numpy(image)[None], torch.from_numpy(mask)[None]
         seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
-        return augment(self.pipeline, self.cached.images[i], self.cached.masks[i], seed)
+        return augment(self.pipeline, image, mask, seed)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -201,6 +217,15 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return max(1, min(4, available_cpus() - 1))
 
 
+def augment_on_batches(setting: str, device: torch.device) -> bool:
+    """Whether training augments whole batches on the device (`config.AUGMENT_ON`). `auto` does on CUDA:
+    there the per-pair CPU loader kept the H200 waiting (40 s first epochs of a small fold); on the CPU
+    the pairs are augmented in the loader, the path the CPU recipes were measured with."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "batch"
+
+
 def build_loss(tc) -> torch.nn.Module:
     """Dice + BCE (default) or Dice + focal, both MONAI's, on logits; Dice over the whole batch
     (as nnU-Net) so images without a lesion do not produce a degenerate per-image Dice."""
@@ -250,8 +275,8 @@ def validate(model: torch.nn.Module, cached: CachedSet, device: torch.device, th
     scores = []
     for start in range(0, len(mine), batch_size):
         idx = list(mine[start:start + batch_size])
-        probs = predict_boxed([runner], cached.images[idx], [cached.boxes[i] for i in idx], (), device)
-        scores.extend(dice(p >= threshold, cached.orig_masks[i])[0] for p, i in zip(probs, idx))
+        probs = predict_boxed([runner], cached.images(idx), [cached.boxes[i] for i in idx], (), device)
+        scores.extend(dice(p >= threshold, cached.orig_mask(i))[0] for p, i in zip(probs, idx))
     if not dist.active:
         return np.asarray(scores, np.float64)
     return gather_shards(dist.all_gather(scores), len(cached.names))
@@ -329,7 +354,7 @@ def _choose_split(cfg: RunConfig, data: LoadedDataset, split: Mapping | None) ->
 
 
 def _check_split_names(split: Mapping, data: LoadedDataset, where: str = "split") -> None:
-    missing = [n for part in ("train", "val") for n in split[part] if n not in data.images]
+    missing = [n for part in ("train", "val") for n in split[part] if n not in data.shapes]
     if missing:
         raise ValueError(f"{where} names {len(missing)} scan(s) not in {data.root}, e.g. {missing[0]!r}")
 
@@ -337,7 +362,7 @@ def _check_split_names(split: Mapping, data: LoadedDataset, where: str = "split"
 def _what_changed(state: dict, split: Mapping, data: LoadedDataset) -> str:
     """A one-line account of how the data differs from what the run was trained on."""
     known = set(split["train"]) | set(split["val"])
-    now = set(data.images)
+    now = set(data.shapes)
     gone, new = natural_sorted(known - now), natural_sorted(now - known)
     parts = []
     if gone:
@@ -349,7 +374,7 @@ def _what_changed(state: dict, split: Mapping, data: LoadedDataset) -> str:
     return (f"fingerprint {state.get('data_fingerprint')} -> {data.fingerprint}: " + ", ".join(parts))
 
 
-RESUMABLE_CHANGES = ("root", "device", "num_workers", "epochs")  # where the data lives and what runs it: free
+RESUMABLE_CHANGES = ("root", "device", "num_workers", "epochs", "cache_dir")  # where the data lives and what runs it: free
 
 
 def _settings_changed(saved: dict, cfg: RunConfig) -> list[str]:
@@ -438,8 +463,17 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
                              f"{fingerprints[odd]} vs {fingerprints[0]}); every node needs the same dataset")
         state, split = dist.broadcast((state, split))
         _check_split_names(split, data)
-    train_set = cache_samples(split["train"], data, cfg.data.size, cfg.data.normalize)
-    val_set = cache_samples(split["val"], data, cfg.data.size, cfg.data.normalize)
+    # one process per machine builds the cache (the others wait, then map the same files)
+    with dist.agreed("caching the scans"):
+        cache = None
+        if dist.local_rank == 0:
+            cache = open_or_build(data.samples, data.fingerprint, cfg.data.size, cfg.data.mask_threshold,
+                                  cfg.data.labels, cfg.data.max_pixels, cfg.data.cache_dir, progress)
+    if cache is None:
+        cache = open_or_build(data.samples, data.fingerprint, cfg.data.size, cfg.data.mask_threshold, cfg.data.labels,
+                              cfg.data.max_pixels, cfg.data.cache_dir)
+    train_set = CachedSet(cache, split["train"], cfg.data.normalize)
+    val_set = CachedSet(cache, split["val"], cfg.data.normalize)
     if len(train_set.names) == 0:
         raise ValueError(f"{cfg.data.root}: the training split is empty")
     if len(train_set.names) < dist.world_size:
@@ -479,11 +513,13 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
     scored = ema.module if ema is not None else model  # what validation scores and checkpoints hold
     start_epoch, best_dice, history, elapsed_before = 1, -1.0, [], 0.0
     workers = loader_workers(tc.num_workers, device)
+    on_batches = augment_on_batches(tc.augment_on, device)
     meta = {
         "hemaseg_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": str(device), "cpu": describe_cpu(), "data_fingerprint": data.fingerprint,
         "n_train": len(train_set.names), "n_val": len(val_set.names), "loader_workers": workers,
         "bf16_autocast": amp, "world_size": dist.world_size, "global_batch": global_batch,
+        "augment_on": "batch" if on_batches else "loader",
     }
     if state is not None:
         model.load_state_dict(state["train_model"] if ema is not None else state["model"])
@@ -514,7 +550,9 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
         if main:
             remove_stale_temps(out)
     net = dist.wrap(model, device)  # what the steps run: under torchrun DDP, averaging the gradients
-    dataset_ = AugmentedPairs(train_set, build_augmentation(cfg.augment, cfg.data.size), tc.seed)
+    batch_augment = BatchAugment(cfg.augment, cfg.data.size) if on_batches else None
+    dataset_ = AugmentedPairs(train_set, None if on_batches else build_augmentation(cfg.augment, cfg.data.size),
+                              tc.seed)
     del data  # the letterboxed cache is all training needs from here on
 
     run_config = state["config"] if state is not None else cfg.to_dict()  # a resume keeps the original
@@ -539,8 +577,11 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
         net.train()
         sampler.epoch = epoch
         losses = []
-        for x, y in loader if workers else single_threaded_batches(loader):
+        for step, (x, y) in enumerate(loader if workers else single_threaded_batches(loader)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if batch_augment is not None:  # seeded by (seed, epoch, step, rank): the same after a resume
+                state = np.random.SeedSequence([tc.seed, epoch, step, dist.rank]).generate_state(1)[0]
+                x, y = batch_augment(x, y, torch.Generator().manual_seed(int(state)))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

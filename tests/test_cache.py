@@ -1,0 +1,117 @@
+"""The training cache: letterboxed uint8 scans in memory-mapped files, built once, shared and reused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hemaseg.data.dataset as dataset
+from hemaseg.data.cache import ScanCache, open_or_build
+from hemaseg.data.dataset import load_dataset, load_sample
+from hemaseg.data.transforms import letterbox, preprocess
+from hemaseg.training.train import CachedSet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _build(data, cache_dir, size=32, **kw):
+    loaded = load_dataset(data)
+    return loaded, open_or_build(loaded.samples, loaded.fingerprint, size, kw.get("mask_threshold"), None, None,
+                                 cache_dir)
+
+
+def test_the_cache_holds_each_scan_letterboxed_and_is_reused_not_rebuilt(tiny_data, tmp_path, monkeypatch):
+    loaded, cache = _build(tiny_data, tmp_path)
+    assert isinstance(cache.images, np.memmap) and cache.images.dtype == np.uint8 and cache.images.shape == (16, 32, 32)
+    for i, sample in enumerate(loaded.samples[:4]):
+        image, mask = load_sample(sample)
+        boxed, boxed_mask, box = letterbox(image, 32, mask)
+        assert cache.boxes[i] == box
+        assert np.abs(cache.images[i] / 255 - boxed).max() <= 0.5 / 255 + 1e-6  # one rounding step
+        assert np.array_equal(cache.masks[i], boxed_mask.astype(np.uint8))
+        assert np.array_equal(cache.original_mask(i), mask)
+        # what training feeds the network is the preprocessing inference uses, up to that rounding
+        assert np.abs(CachedSet(cache, [sample.name], "zscore").image(0) - preprocess(image, 32)[0]).max() < 0.02
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache was built again")
+
+    monkeypatch.setattr(dataset, "load_sample", no_decoding)
+    again = open_or_build(loaded.samples, loaded.fingerprint, 32, None, None, None, tmp_path)
+    assert again.path == cache.path  # another run, fold or process of the same data and size
+    monkeypatch.undo()
+    other = open_or_build(loaded.samples, loaded.fingerprint, 32, 0.5, None, None, tmp_path)
+    assert other.path != cache.path  # other mask settings, another cache
+
+
+def test_a_build_that_fails_leaves_no_cache_behind(tiny_data, tmp_path, monkeypatch):
+    loaded = load_dataset(tiny_data)
+    calls = []
+    real = dataset.load_sample
+
+    def fails_on_the_fifth(sample, *args):
+        calls.append(sample.name)
+        if len(calls) == 5:
+            raise OSError("disk went away")
+        return real(sample, *args)
+
+    monkeypatch.setattr(dataset, "load_sample", fails_on_the_fifth)
+    with pytest.raises(OSError, match="disk went away"):
+        open_or_build(loaded.samples, loaded.fingerprint, 32, None, None, None, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither a half cache nor its temp folder
+    monkeypatch.undo()
+    assert len(_build(tiny_data, tmp_path)[1]) == 16
+
+
+# Train one epoch in a process whose private memory may grow by CAP_MB only (RLIMIT_DATA: heap and
+# anonymous mappings; a read-only memory map of a file does not count), on a dataset whose cache is larger
+# than that. A first tiny run warms up torch's one-off allocations, so the cap measures what the data costs.
+# Training as it was before the cache (every scan decoded and kept as float32, twice) would need ~130 MB.
+CAP_MB = 16
+CAPPED = r'''
+import json, resource, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from hemaseg.config import resolve_config
+from hemaseg.training.train import fit
+
+small, big, out, cap_mb, settings = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+fit(resolve_config(small, "seed", None, "cpu", settings), out / "warm", progress=False)
+vm_data = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData:"))
+resource.setrlimit(resource.RLIMIT_DATA, (vm_data + cap_mb * 2**20, resource.RLIM_INFINITY))
+summary = fit(resolve_config(big, "seed", None, "cpu", settings), out / "big", progress=False)
+print(json.dumps(summary))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA counts anonymous memory on Linux only")
+def test_an_epoch_trains_with_a_cache_larger_than_the_memory_cap(tiny_data, tmp_path):
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big"
+    for sub in ("images", "mask"):
+        (big / sub).mkdir(parents=True)
+    for i in range(600):
+        mask = np.zeros((128, 128), np.uint8)
+        y, x = rng.integers(10, 100, 2)
+        mask[y:y + 16, x:x + 16] = 255
+        Image.fromarray(rng.integers(0, 255, (128, 128), dtype=np.uint8)).save(big / "images" / f"{i}.png",
+                                                                              compress_level=1)
+        Image.fromarray(mask).save(big / "mask" / f"{i}.png")
+    (tmp_path / "capped.py").write_text(CAPPED)
+    settings = {"size": 128, "epochs": 1, "batch_size": 4, "base_width": 2, "depth": 2, "augment": False,
+                "precision": "fp32"}
+    env = {**os.environ, "HEMASEG_CACHE_DIR": str(tmp_path / "cache"), "MALLOC_ARENA_MAX": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(tmp_path / "capped.py"), str(tiny_data), str(big), str(tmp_path / "runs"),
+                           str(CAP_MB), json.dumps(settings)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 1 and summary["n_train"] + summary["n_val"] == 600
+    cache = max((ScanCache.open(p) for p in (tmp_path / "cache").iterdir()), key=len)
+    assert len(cache) == 600 and cache.nbytes > CAP_MB * 2**20

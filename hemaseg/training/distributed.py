@@ -145,6 +145,9 @@ class Distributed:
     def close(self) -> None:
         """Leave the process group if this object created it (a caller's own group is left to it)."""
         if self.owns_group and dist.is_initialized():
+            # all processes reach the end before any tears its connections down: a process whose peers
+            # had already gone once aborted at exit ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

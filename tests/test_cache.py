@@ -47,6 +47,11 @@ def test_the_cache_holds_each_scan_letterboxed_and_is_reused_not_rebuilt(tiny_da
     monkeypatch.undo()
     other = open_or_build(loaded.samples, loaded.fingerprint, 32, 0.5, None, None, tmp_path)
     assert other.path != cache.path  # other mask settings, another cache
+    import pickle
+
+    pickled = pickle.dumps(cache)
+    assert len(pickled) < cache.nbytes / 4  # a worker process gets the path and maps the files itself
+    assert np.array_equal(pickle.loads(pickled).images, cache.images)
 
 
 def test_a_build_that_fails_leaves_no_cache_behind(tiny_data, tmp_path, monkeypatch):

@@ -88,6 +88,11 @@ class ScanCache:
     def __len__(self) -> int:
         return len(self.names)
 
+    def __reduce__(self):
+        """Pickled as its path (a data-loader worker started by spawn maps the files again): pickling the
+        memory maps themselves would copy every scan into each worker."""
+        return ScanCache.open, (self.path,)
+
     @property
     def nbytes(self) -> int:
         return int(self.images.nbytes + self.masks.nbytes + self._originals.nbytes)

@@ -8,8 +8,8 @@ with the review threshold chosen leave-one-fold-out (Youden's J on the other fol
 held-out one), the share of scans flagged, of failures flagged and of missed-lesion scans flagged. Rules:
 the confidence hemaseg uses now (entropy with a margin for empty predictions), the entropy-only one it
 used before, and a small logistic quality head on (confidence, entropy confidence, max probability,
-log predicted area, anything predicted) fitted leave-one-fold-out: a candidate for issue #18, not yet used
-by hemaseg. Writes benchmarks/results/review_rules_<run name>.json.
+log predicted area, anything predicted) fitted leave-one-fold-out (the session-5 head, Youden's cut), and
+hemaseg's head now: a missed lesion weighted MISS_WEIGHT in the fit, the cut capped at REVIEW_MAX_FLAGGED. Writes benchmarks/results/review_rules_<run name>.json.
 """
 
 from __future__ import annotations
@@ -24,14 +24,19 @@ from common import hardware, table, write_result
 from scipy import optimize
 
 from hemaseg.evaluation.evaluate import REVIEW_BELOW_DICE, review_figures
+from hemaseg.inference.review import ReviewHead
+from hemaseg.training.cv import MISS_WEIGHT, REVIEW_MAX_FLAGGED, choose_review_threshold
 
 
 def load_rows(run: Path) -> dict[str, np.ndarray]:
     with open(run / "oof" / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {k: np.array([float(r[k]) if r[k] not in ("", "nan") else np.nan for r in rows])
-            for k in ("dice", "confidence", "confidence_entropy", "max_prob", "fold", "ref_area_px", "pred_area_px",
-                      "height", "width")}
+    out = {k: np.array([float(r[k]) if r[k] not in ("", "nan") else np.nan for r in rows])
+           for k in ("dice", "confidence", "confidence_entropy", "max_prob", "fold", "ref_area_px", "pred_area_px",
+                     "height", "width")}
+    if "confidence_rule" in rows[0]:  # a run whose `confidence` is already its review head's score
+        out["confidence"] = np.array([float(r["confidence_rule"]) for r in rows])
+    return out
 
 
 def youden(score: np.ndarray, failed: np.ndarray) -> float:
@@ -66,18 +71,31 @@ def main(argv=None) -> None:
     failed = (ref & ~(d["dice"] >= REVIEW_BELOW_DICE)) | (~ref & pred)
     features = np.stack([d["confidence"], d["confidence_entropy"], d["max_prob"],
                          np.log1p(1000 * d["pred_area_px"] / (d["height"] * d["width"])), pred.astype(float)], 1)
-    scores = {"confidence (hemaseg now: margin when empty)": d["confidence"],
+    scores = {"confidence_rule (margin when empty)": d["confidence"],
               "confidence_entropy (before)": d["confidence_entropy"]}
     head = np.zeros(len(fold))
     for k in np.unique(fold):
         w = fit_logistic(features[fold != k], (~failed[fold != k]).astype(float))
         head[fold == k] = (np.c_[features, np.ones(len(fold))] @ w)[fold == k]
     scores["logistic quality head (fitted leave-one-fold-out)"] = head
+    # hemaseg's review head now: misses weighted MISS_WEIGHT in the fit, Youden's cut capped at
+    # REVIEW_MAX_FLAGGED of the scans; head and threshold both from the other folds
+    weighted = np.zeros(len(fold))
+    weight = np.where(missed, MISS_WEIGHT, 1.0)
+    for k in np.unique(fold):
+        fitted = ReviewHead.fit(features[fold != k], ~failed[fold != k], weights=weight[fold != k])
+        weighted[fold == k] = fitted.score_features(features[fold == k])
+    now = f"review head, misses x{MISS_WEIGHT:g}, cut capped at {REVIEW_MAX_FLAGGED:.0%} flagged (hemaseg now)"
+    scores[now] = weighted
     result, rows = {}, []
     for name, score in scores.items():
         flagged = np.zeros(len(score), bool)
         for k in np.unique(fold):
-            flagged[fold == k] = score[fold == k] <= youden(score[fold != k], failed[fold != k])
+            if name == now:
+                cut = choose_review_threshold(score[fold != k], failed[fold != k])["threshold"]
+            else:
+                cut = youden(score[fold != k], failed[fold != k])
+            flagged[fold == k] = score[fold == k] <= cut
         r = review_figures(score, failed, missed, flagged)
         r["failures_flagged_share"] = float(flagged[failed].mean())
         result[name] = r

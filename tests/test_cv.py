@@ -128,3 +128,13 @@ def test_report_of_a_cv_reads_what_cv_wrote_and_recomputes_nothing(tiny_data, tm
     html = (out / "report.html").read_text()
     assert "Cross-validation: 2 folds" in html and html.count("<figure class=\"case\"") >= 1
     assert {n: (out / n).read_bytes() for n in decided} == decided
+
+
+def test_the_review_cut_never_flags_more_than_the_budget():
+    """Youden's J would flag 4 of 6 here (every failure, one good case): capped at 40 %, 2 of 6."""
+    conf = np.array([0.1, 0.2, 0.3, 0.4, 0.8, 0.9])
+    failed = np.array([True, True, False, True, False, False])
+    capped = choose_review_threshold(conf, failed)
+    uncapped = choose_review_threshold(conf, failed, max_flagged=None)
+    assert uncapped["threshold"] == 0.4 and uncapped["flagged_share"] == 4 / 6
+    assert capped["threshold"] == 0.2 and capped["flagged_share"] == 2 / 6 and capped["youden_threshold"] == 0.4

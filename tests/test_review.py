@@ -82,3 +82,26 @@ def test_a_cv_runs_predictor_reports_the_heads_confidence(tiny_run, tmp_path):
     pred = predictor.prediction(blob(0.95))
     assert pred.confidence == pytest.approx(1 / (1 + np.exp(2.0))) and predictor.needs_review(pred.confidence)
     assert predictor.prediction(blob(0.1)).confidence == pytest.approx(1 / (1 + np.exp(-1.0)))
+
+
+def test_weighting_misses_ranks_them_below_other_failures():
+    """Two kinds of failure the features cannot tell apart from good cases equally well: weighting the
+    misses makes the head score them lower, so a review budget catches them first."""
+    from hemaseg.inference.review import ReviewHead
+
+    rng = np.random.default_rng(0)
+    n = 300
+    x = rng.normal(size=(n, 5))
+    kind = rng.choice(["ok", "miss", "fail"], size=n, p=[0.7, 0.1, 0.2])
+    x[kind == "miss", 0] -= 1.0  # misses show on feature 0
+    x[kind == "fail", 1] -= 1.0  # other failures on feature 1
+    ok = kind == "ok"
+    plain = ReviewHead.fit(x, ok)
+    weighted = ReviewHead.fit(x, ok, weights=np.where(kind == "miss", 3.0, 1.0))
+
+    def misses_in_lowest(head, share=0.3):
+        s = head.score_features(x)
+        return (s[kind == "miss"] <= np.quantile(s, share)).mean()
+
+    assert misses_in_lowest(weighted) > misses_in_lowest(plain)
+    assert ReviewHead.fit(x, ok, weights=np.ones(n)).weights == pytest.approx(plain.weights)

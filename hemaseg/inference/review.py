@@ -48,20 +48,23 @@ class ReviewHead:
         return float(self.score_features(review_features(prob, mask, threshold)))
 
     @classmethod
-    def fit(cls, x: np.ndarray, acceptable: np.ndarray, l2: float = 0.01) -> "ReviewHead | None":
-        """L2-regularised logistic regression; None when there are too few rows or only one outcome."""
+    def fit(cls, x: np.ndarray, acceptable: np.ndarray, l2: float = 0.01,
+            weights: np.ndarray | None = None) -> ReviewHead | None:
+        """L2-regularised logistic regression, each row's log-likelihood weighted by `weights` (default 1);
+        None when there are too few rows or only one outcome."""
         from scipy import optimize
 
         x, y = np.asarray(x, np.float64), np.asarray(acceptable, np.float64)
         if len(x) < MIN_ROWS_TO_FIT or y.min() == y.max():
             return None
+        c = np.ones(len(x)) if weights is None else np.asarray(weights, np.float64)
         xb = np.c_[x, np.ones(len(x))]
 
         def loss(w):
             z = xb @ w
             p = 1 / (1 + np.exp(-z))
-            grad = xb.T @ (p - y) + 2 * l2 * np.r_[w[:-1], 0.0]
-            return np.sum(np.logaddexp(0, z) - y * z) + l2 * np.sum(w[:-1] ** 2), grad
+            grad = xb.T @ (c * (p - y)) + 2 * l2 * np.r_[w[:-1], 0.0]
+            return np.sum(c * (np.logaddexp(0, z) - y * z)) + l2 * np.sum(w[:-1] ** 2), grad
 
         w = optimize.minimize(loss, np.zeros(xb.shape[1]), jac=True, method="L-BFGS-B").x
         return cls(tuple(float(v) for v in w[:-1]), float(w[-1]))

@@ -68,11 +68,22 @@ def make_folds(cfg: RunConfig, out: Path, folds: int, seed: int) -> list[dict]:
     return split
 
 
+# The review head's fit counts a missed lesion as this many failures: a miss is the error decision support
+# must catch first. Measured on the 10-minute BUSI CV (benchmarks/review_rules.py, head and threshold both
+# chosen leave-one-fold-out; misses flagged at most 40 % flagged): weight 1 0.745, 2 0.915, 3 0.957, 5 0.979,
+# AUROC against all failures 0.832 / 0.827 / 0.826 / 0.822. 3 was picked from that sweep.
+MISS_WEIGHT = 3.0
+# At most this share of scans is flagged (the review work a clinic can take): Youden's J cut, lowered to
+# flag no more than this share of the out-of-fold scans when it would flag more.
+REVIEW_MAX_FLAGGED = 0.4
+
+
 def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarray | None = None,
-                            missed: np.ndarray | None = None) -> dict:
+                            missed: np.ndarray | None = None, max_flagged: float | None = REVIEW_MAX_FLAGGED) -> dict:
     """Confidence at or below which a case is flagged: the cut that best separates failures (see
-    `failures`) from the rest (Youden's J). Also reports the figures of `review_figures` and the
-    Spearman correlation of confidence and Dice where Dice is defined."""
+    `failures`) from the rest (Youden's J), lowered where it would flag more than `max_flagged` of the
+    scans (None: no cap). Also reports the figures of `review_figures`, the uncapped cut and the Spearman
+    correlation of confidence and Dice where Dice is defined."""
     conf, failed = np.asarray(conf, np.float64), np.asarray(failed, bool)
     missed = np.zeros_like(failed) if missed is None else np.asarray(missed, bool)
     result = {"n": int(len(conf)), "review_below_dice": REVIEW_BELOW_DICE, "threshold": None,
@@ -89,7 +100,10 @@ def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarr
             j = flagged[failed].mean() - flagged[~failed].mean()
             if j > best_j:
                 best_j, best_t = j, float(t)
-        result.update(threshold=best_t, youden_j=float(best_j))
+        result.update(threshold=best_t, youden_j=float(best_j), youden_threshold=best_t, max_flagged=max_flagged)
+        if max_flagged is not None and (conf <= best_t).mean() > max_flagged:
+            within = [float(t) for t in np.unique(conf) if (conf <= t).mean() <= max_flagged]
+            result["threshold"] = within[-1] if within else None
     result.update(review_figures(conf, failed, missed,
                                  None if result["threshold"] is None else conf <= result["threshold"]))
     return result
@@ -98,24 +112,25 @@ def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarr
 def fit_review(rows: list[dict], failed: np.ndarray, dice: np.ndarray, missed: np.ndarray, n_folds: int,
                threshold: float) -> dict:
     """The needs-review decision for a CV run (confidence.json): the learned review head
-    (`inference.review`) when it can be fitted, else the margin rule, each with its threshold chosen on
-    out-of-fold scores (Youden's J). The head's scores here are honest: each fold's scans are scored by a
+    (`inference.review`, a missed lesion weighing MISS_WEIGHT failures) when it can be fitted, else the
+    margin rule, each with its threshold chosen on out-of-fold scores (`choose_review_threshold`). The head's scores here are honest: each fold's scans are scored by a
     head fitted on the other folds; the head stored for predict is then fitted on every row. Rewrites
     each row's `confidence` to the score the threshold applies to (`confidence_rule` keeps the rule's)."""
     rule = choose_review_threshold(np.array([r["confidence_rule"] for r in rows]), failed, dice, missed)
     x = np.stack([review_features(r["prob"], r["pred"], threshold) for r in rows])
     fold = np.array([r["fold"] for r in rows])
     scores = np.full(len(rows), np.nan)
+    weight = np.where(missed, MISS_WEIGHT, 1.0)
     for k in range(n_folds):
-        head_k = ReviewHead.fit(x[fold != k], ~failed[fold != k])
+        head_k = ReviewHead.fit(x[fold != k], ~failed[fold != k], weights=weight[fold != k])
         if head_k is None:
             return {**rule, "method": "rule (too few out-of-fold scans or failures to fit a review head)"}
         scores[fold == k] = head_k.score_features(x[fold == k])
-    head = ReviewHead.fit(x, ~failed)
+    head = ReviewHead.fit(x, ~failed, weights=weight)
     for r, score in zip(rows, scores):
         r["confidence"] = round(float(score), 4)
     review = choose_review_threshold(np.round(scores, 4), failed, dice, missed)
-    return {**review, "method": "review head (scores out of fold)", "head": head.to_dict(), "rule": rule}
+    return {**review, "method": f"review head (a miss weighs {MISS_WEIGHT:g} failures; scores out of fold)", "head": head.to_dict(), "rule": rule}
 
 
 def _train_fold(cfg: RunConfig, fold_dir: Path, split: dict, resume: bool, progress: bool,

@@ -120,3 +120,16 @@ def test_an_epoch_trains_with_a_cache_larger_than_the_memory_cap(tiny_data, tmp_
     assert summary["epochs"] == 1 and summary["n_train"] + summary["n_val"] == 600
     cache = max((ScanCache.open(p) for p in (tmp_path / "cache").iterdir()), key=len)
     assert len(cache) == 600 and cache.nbytes > CAP_MB * 2**20
+
+
+def test_an_unwritable_default_cache_folder_falls_back_to_the_temp_folder(tiny_data, tmp_path, monkeypatch, caplog):
+    import hemaseg.data.cache as cache_module
+
+    blocked = tmp_path / "home-is-a-file"
+    blocked.write_text("")  # a folder cannot be made here
+    monkeypatch.setattr(cache_module, "default_cache_dir", lambda: blocked / "hemaseg")
+    monkeypatch.setattr(cache_module.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    loaded = load_dataset(tiny_data)
+    cache = open_or_build(loaded.samples, loaded.fingerprint, 32, None, None, None)
+    assert cache.path.is_relative_to(tmp_path / "tmp") and len(cache) == 16
+    assert "cannot write the training cache" in caplog.text

@@ -18,7 +18,8 @@ cache, and changed data or settings get a new one. A cache is built in a temp fo
 place when complete: a killed build leaves no cache, and of two processes building the same one, the
 first rename wins and the other's copy is discarded.
 
-Where: `cache_dir` (a setting) or env HEMASEG_CACHE_DIR, else $XDG_CACHE_HOME/hemaseg or ~/.cache/hemaseg.
+Where: `cache_dir` (a setting) or env HEMASEG_CACHE_DIR, else $XDG_CACHE_HOME/hemaseg or ~/.cache/hemaseg
+(the temp folder, with a warning, when that cannot be written).
 Old caches are never removed automatically; delete the folder to reclaim the space.
 """
 
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,6 +111,14 @@ def _stats(stored: np.ndarray, box: Letterbox) -> tuple[float, float]:
     return float(region.mean()), float(region.std())
 
 
+def _writable(root: Path) -> bool:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(root, os.W_OK | os.X_OK)
+
+
 def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | None, labels, max_pixels: int | None,
                   cache_dir: str | os.PathLike | None = None, progress: bool = False) -> ScanCache:
     """The cache of these samples at `size`, built if no process has built it yet. `samples` are the
@@ -116,6 +126,11 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
     from hemaseg.data.dataset import load_sample
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not cache_dir and not _writable(root):  # a read-only home: the temp folder rather than no training
+        fallback = Path(tempfile.gettempdir()) / f"hemaseg-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        log.warning("%s: cannot write the training cache there; using %s (set HEMASEG_CACHE_DIR or --cache-dir)",
+                    root, fallback)
+        root = fallback
     final = root / cache_key(fingerprint, size, mask_threshold, labels)
     if (final / "index.json").is_file():
         cache = ScanCache.open(final)

@@ -387,6 +387,11 @@ def test_the_global_batch_loss_is_the_loss_in_one_process(tiny_data, loss):
     torch.testing.assert_close(grad_ours, grad_monai)
 
 
+def test_jobs_that_work_apart_wait_for_their_slowest_process_far_longer_than_a_training_step():
+    assert distributed.wait_timeout_s({}) == distributed.DEFAULT_WAIT_S >= 24 * 3600 > distributed.DEFAULT_TIMEOUT_S
+    assert distributed.wait_timeout_s({"HEMASEG_DIST_WAIT_S": "90"}) == 90.0
+
+
 def test_without_torchrun_a_run_is_a_single_process_and_sync_batchnorm_is_batchnorm():
     ctx = distributed.from_environment(torch.device("cpu"), environ={})
     assert ctx is distributed.SINGLE and ctx.is_main and not ctx.active

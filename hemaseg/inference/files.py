@@ -167,8 +167,9 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out is a file, not a folder")
     order = [str(p) for p in files]
-    # the processes only coordinate (gloo on the CPU), whatever device the model runs on
-    with distributed.session(torch.device("cpu")) as dist:
+    # the processes only coordinate (gloo on the CPU), whatever device the model runs on, and one whose
+    # shard is done waits for the slowest
+    with distributed.session(torch.device("cpu"), timeout_s=distributed.wait_timeout_s()) as dist:
         with dist.agreed("opening the output folder"):
             done: set[str] = set()
             if dist.is_main:

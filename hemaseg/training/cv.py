@@ -226,7 +226,8 @@ def run_cv(cfg: RunConfig, out_dir: str | Path, folds: int = 5, seed: int = 0, p
     from hemaseg.device import select_device
 
     out = Path(out_dir)
-    with distributed.session(torch.device("cpu")) as dist:  # gloo only coordinates: each fold trains alone
+    # gloo only coordinates: each fold trains alone, and a process that is done waits for the others' folds
+    with distributed.session(torch.device("cpu"), timeout_s=distributed.wait_timeout_s()) as dist:
         if dist.active and jobs > 1:
             raise ValueError("--jobs N trains folds as processes of one machine; under torchrun each process "
                              "already trains its own folds: leave --jobs at 1")

@@ -46,6 +46,16 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0  # longer than any one-process step between collectives (rank 0's checkpoint write)
+# Jobs whose processes only meet at the start and the end (predict's shards, cv's folds) wait there for
+# the slowest: a fold trains for hours. They get this timeout instead (env HEMASEG_DIST_WAIT_S); a process
+# that crashes meanwhile is still noticed by torchrun, which stops the others.
+DEFAULT_WAIT_S = 7 * 24 * 3600.0
+
+
+def wait_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """The collective timeout of a job whose processes work apart between its start and its end."""
+    env = os.environ if environ is None else environ
+    return float(env.get("HEMASEG_DIST_WAIT_S", DEFAULT_WAIT_S))
 
 
 class RankFailedError(ValueError):

@@ -133,3 +133,22 @@ def test_an_unwritable_default_cache_folder_falls_back_to_the_temp_folder(tiny_d
     cache = open_or_build(loaded.samples, loaded.fingerprint, 32, None, None, None)
     assert cache.path.is_relative_to(tmp_path / "tmp") and len(cache) == 16
     assert "cannot write the training cache" in caplog.text
+
+
+def test_a_waiting_process_maps_the_cache_another_one_builds(tiny_data, tmp_path):
+    """torchrun's other ranks on a machine: they watch for the cache instead of building it too."""
+    import threading
+
+    loaded = load_dataset(tiny_data)
+    got = {}
+
+    def waiter():
+        got["cache"] = open_or_build(loaded.samples, loaded.fingerprint, 32, None, None, None, tmp_path, wait=True,
+                                     poll_s=0.01)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert thread.is_alive()  # nothing to map yet: it waits
+    built = open_or_build(loaded.samples, loaded.fingerprint, 32, None, None, None, tmp_path)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and got["cache"].path == built.path and len(got["cache"]) == 16

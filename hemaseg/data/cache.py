@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,9 +121,14 @@ def _writable(root: Path) -> bool:
 
 
 def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | None, labels, max_pixels: int | None,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> ScanCache:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = False, wait: bool = False,
+                  poll_s: float = 0.5) -> ScanCache:
     """The cache of these samples at `size`, built if no process has built it yet. `samples` are the
-    dataset's (`find_samples`), each decoded once here (`load_sample`) when the cache is built."""
+    dataset's (`find_samples`), each decoded once here (`load_sample`) when the cache is built.
+
+    `wait`: another process of the job is building it (torchrun's other ranks on a machine): wait for it
+    to appear instead, by watching the folder, not in a collective whose timeout a large dataset's build
+    would outlast (if the builder fails, torchrun stops the job)."""
     from hemaseg.data.dataset import load_sample
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -132,6 +138,10 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
                     root, fallback)
         root = fallback
     final = root / cache_key(fingerprint, size, mask_threshold, labels)
+    if wait and not (final / "index.json").is_file():
+        log.info("waiting for %s, built by another process", final)
+        while not (final / "index.json").is_file():
+            time.sleep(poll_s)
     if (final / "index.json").is_file():
         cache = ScanCache.open(final)
         if cache.names == [s.name for s in samples]:

@@ -463,15 +463,9 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
                              f"{fingerprints[odd]} vs {fingerprints[0]}); every node needs the same dataset")
         state, split = dist.broadcast((state, split))
         _check_split_names(split, data)
-    # one process per machine builds the cache (the others wait, then map the same files)
-    with dist.agreed("caching the scans"):
-        cache = None
-        if dist.local_rank == 0:
-            cache = open_or_build(data.samples, data.fingerprint, cfg.data.size, cfg.data.mask_threshold,
-                                  cfg.data.labels, cfg.data.max_pixels, cfg.data.cache_dir, progress)
-    if cache is None:
-        cache = open_or_build(data.samples, data.fingerprint, cfg.data.size, cfg.data.mask_threshold, cfg.data.labels,
-                              cfg.data.max_pixels, cfg.data.cache_dir)
+    # one process per machine builds the cache; the others wait for it to appear, then map the same files
+    cache = open_or_build(data.samples, data.fingerprint, cfg.data.size, cfg.data.mask_threshold, cfg.data.labels,
+                          cfg.data.max_pixels, cfg.data.cache_dir, progress, wait=dist.local_rank != 0)
     train_set = CachedSet(cache, split["train"], cfg.data.normalize)
     val_set = CachedSet(cache, split["val"], cfg.data.normalize)
     if len(train_set.names) == 0:

@@ -67,7 +67,13 @@ def test_a_pretrained_run_trains_predicts_and_exports(tiny_data, tmp_path):
     from hemaseg.inference.export import export_onnx
 
     summary = hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet", size=64, epochs=1, progress=False)
-    assert summary["epochs"] == 1
+    assert summary["epochs"] == 1 and summary["world_size"] == 1
+    from hemaseg.models.checkpoint import load_checkpoint
+
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    encoder, decoder = last["optimizer"]["param_groups"]
+    # metrics.csv reports the configured lr's group, not the pretrained encoder's scaled-down one
+    assert last["history"][-1]["lr"] == decoder["lr"] > encoder["lr"]
     model = hemaseg.load_model(tmp_path / "run", device="cpu")
     pred = model.predict(np.random.default_rng(0).integers(0, 255, (50, 70), dtype=np.uint8))
     assert pred.mask.shape == (50, 70)

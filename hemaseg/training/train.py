@@ -601,7 +601,8 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
         now = clock()
         epoch_s = now - t_epoch
         elapsed = elapsed_before + now - t_start
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+        # the configured lr's group (a pretrained encoder's group, first, learns at encoder_lr_scale x it)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
                "val_dice": val_dice, "epoch_s": round(epoch_s, 3), "elapsed_s": round(elapsed, 3)}
         history.append(row)
         if tc.budget_minutes is not None and state is None:
@@ -650,8 +651,7 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
         summary["budget_minutes"] = tc.budget_minutes
     if tc.budget_images is not None:
         summary["budget_images"] = tc.budget_images
-    if dist.active:
-        summary["world_size"] = dist.world_size
+    summary["world_size"] = dist.world_size
     if main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     dist.barrier()  # every process returns once the run folder is complete

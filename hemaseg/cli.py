@@ -553,11 +553,25 @@ def cmd_train(args) -> int:
             raise ValueError("--allow-changed-data only applies to --resume")
         cfg, data = _configure(args)
         summary = fit(cfg, args.out, progress=not args.quiet, dataset=data, overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    if _speaks_for_the_job():
         print(f"best validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
               f"of {summary['epochs']} ({summary['train_s']:.0f} s, {summary['images_seen']} images seen); "
               f"run written to {summary['run']}")
     return 0
+
+
+def _speaks_for_the_job() -> bool:
+    """Whether this process prints the command's results: always, except under torchrun, where rank 0
+    speaks for every process (RANK is torchrun's; the CLI reads argv and the environment, nothing else)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _exit_status(errors: list, what: str, out) -> int:
+    """1 with a line on stderr when some inputs failed (listed in OUT/errors.csv), else 0."""
+    if not errors:
+        return 0
+    print(f"{len(errors)} {what} and were skipped: {Path(out) / 'errors.csv'}", file=sys.stderr)
+    return 1
 
 
 def _load(args, run=None):
@@ -593,11 +607,7 @@ def cmd_evaluate(args) -> int:
           f"{predictor.backend}):")
     print(format_summary(result["summary"]))
     print(f"per-image metrics: {out / 'per_image.csv'}; summary: {out / 'summary.json'}; report: {report}")
-    if result["errors"]:
-        print(f"{len(result['errors'])} pair(s) could not be read and were skipped: {out / 'errors.csv'}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(result["errors"], "pair(s) could not be read", out)
 
 
 def cmd_predict(args) -> int:
@@ -620,7 +630,7 @@ def cmd_predict(args) -> int:
                            pixel_spacing=args.pixel_spacing, frame=args.frame, dicom_sr=args.dicom_sr,
                            dicom_seg=args.dicom_seg, model_name=_model_label(args.run), labelme_tolerance=tolerance,
                            skip_existing=getattr(args, "skip_existing", False))
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+    if not _speaks_for_the_job():
         return 0
     found = sum(r["n_lesions"] > 0 for r in result.rows)
     print(f"segmented {len(result.rows)} image(s), {found} with a lesion (backend {predictor.backend}); masks, "
@@ -630,11 +640,7 @@ def cmd_predict(args) -> int:
         print(f"LabelMe outlines (tolerance {tolerance:g} px) written beside {len(result.labelme)} scan(s)"
               + (f"; {len(result.labelme_kept)} existing NAME.json kept (they may hold corrections)"
                  if result.labelme_kept else "") + "; correct them in LabelMe, then: hemaseg train FOLDER")
-    if result.errors:
-        print(f"{len(result.errors)} image(s) could not be read and were skipped: {Path(args.out) / 'errors.csv'}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(result.errors, "image(s) could not be read", args.out)
 
 
 def cmd_measure(args) -> int:
@@ -655,11 +661,7 @@ def cmd_measure(args) -> int:
     mm = sum(r["spacing_source"] is not None for r in result.rows)
     print(f"measured {len(result.rows)} scan(s) ({mm} in mm, {len(result.rows) - mm} in pixels), "
           f"{len(result.lesions)} lesion(s): measurements.csv and lesions.csv in {args.out}")
-    if result.errors:
-        print(f"{len(result.errors)} scan(s) could not be measured and were skipped: "
-              f"{Path(args.out) / 'errors.csv'}", file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(result.errors, "scan(s) could not be measured", args.out)
 
 
 def cmd_track(args) -> int:
@@ -680,11 +682,7 @@ def cmd_track(args) -> int:
     print("status rules:")
     for line in rules.describe():
         print(f"  {line}")
-    if result.errors:
-        print(f"{len(result.errors)} row(s) could not be tracked and were skipped: {Path(args.out) / 'errors.csv'}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(result.errors, "row(s) could not be tracked", args.out)
 
 
 def cmd_convert(args) -> int:
@@ -717,7 +715,7 @@ def cmd_cv(args) -> int:
     cfg, data = _configure(args)
     result = run_cv(cfg, args.out, folds=args.folds, seed=args.fold_seed, progress=not args.quiet,
                     jobs=args.jobs, dataset=data)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+    if not _speaks_for_the_job():
         return 0
     s = result["summary"]
     print(f"out-of-fold Dice: plain {s['oof_dice_plain']:.4f}, TTA {s['oof_dice_tta']:.4f}, "
@@ -827,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     # spinning threads of two busy processes starve each other (10-50x slower inference and training,
     # benchmarks/speed.py); on an idle CPU sleeping costs nothing measurable. An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # torchrun's other ranks: warnings only
+    quiet = args.quiet or not _speaks_for_the_job()  # torchrun's other ranks: warnings only
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)

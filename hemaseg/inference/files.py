@@ -72,6 +72,22 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """How predict reads each scan and what it writes for it (predict_files' arguments of the same names);
+    all but `model_name` are settings a resumed job must keep (`manifest.predictor_settings`)."""
+
+    save_prob: bool = False
+    threshold: float | None = None  # None: the predictor's
+    max_pixels: int | None = MAX_PIXELS_DEFAULT
+    pixel_spacing: Spacing | None = None
+    frame: int | None = 0
+    dicom_sr: bool = False
+    dicom_seg: bool = False
+    model_name: str | None = None
+    labelme_tolerance: float | None = None
+
+
 @dataclass
 class PredictResult:
     rows: list[dict] = field(default_factory=list)  # one per scan segmented, as in predictions.csv
@@ -167,6 +183,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out is a file, not a folder")
     order = [str(p) for p in files]
+    options = OutputOptions(save_prob, threshold, max_pixels, pixel_spacing, frame, dicom_sr, dicom_seg, model_name,
+                            labelme_tolerance)
     # the processes only coordinate (gloo on the CPU), whatever device the model runs on, and one whose
     # shard is done waits for the slowest
     with distributed.session(torch.device("cpu"), timeout_s=distributed.wait_timeout_s()) as dist:
@@ -174,11 +192,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
             done: set[str] = set()
             if dist.is_main:
                 out.mkdir(parents=True, exist_ok=True)
-                settings = manifest.predictor_settings(
-                    predictor, save_prob=save_prob, threshold_override=threshold, max_pixels=max_pixels,
-                    pixel_spacing=pixel_spacing, frame=frame, dicom_sr=dicom_sr, dicom_seg=dicom_seg,
-                    labelme_tolerance=labelme_tolerance)
-                done = manifest.start(out, settings, order, skip_existing).done(out)
+                done = manifest.start(out, manifest.predictor_settings(predictor, options), order,
+                                      skip_existing).done(out)
         done = dist.broadcast(done)
         todo = [(i, p) for i, p in enumerate(files) if str(p) not in done]
         mine = todo[dist.rank::dist.world_size]
@@ -189,9 +204,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
         finished = False
         try:
             with dist.agreed("predicting"):
-                _predict_shard(predictor, mine, out, part, result, save_prob, threshold, batch_size,
-                               progress and dist.is_main, fail_fast, max_pixels, pixel_spacing, frame, dicom_sr,
-                               dicom_seg, model_name, labelme_tolerance)
+                _predict_shard(predictor, mine, out, part, result, options, batch_size, progress and dist.is_main,
+                               fail_fast)
             finished = True
         finally:
             part.close()
@@ -223,10 +237,12 @@ def _merge(out: Path, order: list[str], result: PredictResult, remove_parts: boo
 
 
 def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Path, part: manifest.PartWriter,
-                   result: PredictResult, save_prob, threshold, batch_size, progress, fail_fast, max_pixels,
-                   pixel_spacing, frame, dicom_sr, dicom_seg, model_name, labelme_tolerance) -> None:
+                   result: PredictResult, options: OutputOptions, batch_size: int, progress: bool,
+                   fail_fast: bool) -> None:
     """This process's inputs, each recorded in `part` once its outputs are written (or it failed)."""
     from tqdm import tqdm
+
+    o = options
 
     noted: set[str] = set()  # DICOM outputs that could not be made, logged once each
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
@@ -235,7 +251,7 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
             chunk = []  # (input order, path, output name, frame, Decoded)
             for i, path in items[start:start + batch_size]:
                 try:
-                    chunk += [(i, path, *item) for item in read_frames(path, frame, max_pixels)]
+                    chunk += [(i, path, *item) for item in read_frames(path, o.frame, o.max_pixels)]
                 except DataError as e:
                     if fail_fast:
                         raise
@@ -248,23 +264,23 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
             frames_left = Counter(path for _, path, *_ in chunk)
             for (i, path, name, index, decoded), prob in zip(chunk, probs):
                 image = decoded.gray
-                pred = predictor.prediction(prob, threshold)
-                measured = measure_scan(decoded, pred.mask, pixel_spacing)
+                pred = predictor.prediction(prob, o.threshold)
+                measured = measure_scan(decoded, pred.mask, o.pixel_spacing)
                 outputs = {out / f"{name}_mask.png": png_bytes(pred.mask.astype(np.uint8) * 255),
                            out / f"{name}_overlay.png": png_bytes(overlay_contours(image, pred=pred.mask))}
-                if save_prob:
+                if o.save_prob:
                     outputs[out / f"{name}_prob.png"] = png_bytes(np.round(prob * 255).astype(np.uint8))
-                if (dicom_sr or dicom_seg) and decoded.dicom is not None:
+                if (o.dicom_sr or o.dicom_seg) and decoded.dicom is not None:
                     from hemaseg.measure.dicom_out import dicom_outputs
 
-                    files_, skipped = dicom_outputs(path, pred.mask, measured, index, out / name, sr=dicom_sr,
-                                                    seg=dicom_seg, model=model_name)
+                    files_, skipped = dicom_outputs(path, pred.mask, measured, index, out / name, sr=o.dicom_sr,
+                                                    seg=o.dicom_seg, model=o.model_name)
                     outputs.update(files_)
                     for why in set(skipped) - noted:  # once per file, not once per frame of a cine
                         noted.add(why)
                         log.warning("no DICOM output: %s", why)
                 labelme = None
-                if labelme_tolerance is not None:
+                if o.labelme_tolerance is not None:
                     labelme, why = _labelme_target(path, name, decoded)
                     if why is not None and why not in noted:
                         noted.add(why)
@@ -275,7 +291,7 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                     if labelme is not None:
                         from hemaseg.data.formats import labelme_document
 
-                        doc = labelme_document(pred.mask, path.name, labelme_tolerance)
+                        doc = labelme_document(pred.mask, path.name, o.labelme_tolerance)
                         outputs[labelme] = (json.dumps(doc, indent=2) + "\n").encode()
                 _write_outputs(outputs)
                 if labelme is not None:

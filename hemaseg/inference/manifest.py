@@ -60,20 +60,17 @@ def weights_fingerprint(models: Iterable[torch.nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
-def predictor_settings(predictor, **options) -> dict:
-    """What decides a prediction's outputs: the weights and the inference settings of `predictor`,
-    plus the output `options` (save_prob, frame, pixel spacing ...), all JSON-safe."""
-    return {"weights": weights_fingerprint(predictor.models), "threshold": predictor.threshold, "tta": predictor.tta,
+def predictor_settings(predictor, options) -> dict:
+    """What decides a prediction's outputs, JSON-safe: the weights and inference settings of `predictor`
+    (the threshold the masks are cut at: `options.threshold` or the predictor's) and the output `options`
+    (`files.OutputOptions`: save_prob, frame, pixel spacing ...; not the model's name, a label)."""
+    given = dataclasses.asdict(options)
+    threshold = given.pop("threshold")
+    given.pop("model_name")
+    return {"weights": weights_fingerprint(predictor.models),
+            "threshold": predictor.threshold if threshold is None else threshold, "tta": predictor.tta,
             "postprocess": dataclasses.asdict(predictor.plan), "size": predictor.config.data.size,
-            **{k: _json_value(v) for k, v in options.items()}}
-
-
-def _json_value(v):
-    if dataclasses.is_dataclass(v):
-        return dataclasses.asdict(v)
-    if isinstance(v, tuple):
-        return list(v)
-    return v
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}}
 
 
 def _plain(o):

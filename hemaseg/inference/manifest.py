@@ -132,9 +132,7 @@ class Manifest:
     def ordered(self, order: Sequence[str]) -> list[dict]:
         """Entries in the input order given, then any others (earlier runs' inputs) in their own order."""
         place = {name: i for i, name in enumerate(order)}
-        return sorted(self.entries.values(),
-                      key=lambda e: (0, place[e["input"]], 0) if e["input"] in place else (1, e.get("order", 0),
-                                                                                             e["input"]))
+        return sorted(self.entries.values(), key=lambda e: (place.get(e["input"], len(place) + e["order"]), e["input"]))
 
 
 def start(out: Path, settings: Mapping, inputs: Sequence[str], resume: bool) -> Manifest:

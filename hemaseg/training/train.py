@@ -109,7 +109,7 @@ class CachedSet:
         return ((stored - np.float32(mean)) / np.float32(max(std, 1e-6))).astype(np.float32)
 
     def images(self, idx: Sequence[int]) -> np.ndarray:
-        return np.stack([self.image(i) for i in idx]) if len(idx) else np.zeros((0, 1, 1), np.float32)
+        return np.stack([self.image(i) for i in idx])  # (n, S, S)
 
     def mask(self, i: int) -> np.ndarray:
         return np.asarray(self.cache.masks[self.rows[i]], np.float32)

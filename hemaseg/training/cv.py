@@ -94,16 +94,18 @@ def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarr
             r = stats.spearmanr(conf[ok], dice[ok])
             result["spearman_r"], result["spearman_p"] = float(r.statistic), float(r.pvalue)
     if failed.any() and (~failed).any():
-        best_j, best_t = -1.0, None
-        for t in np.unique(conf):
-            flagged = conf <= t
-            j = flagged[failed].mean() - flagged[~failed].mean()
-            if j > best_j:
-                best_j, best_t = j, float(t)
-        result.update(threshold=best_t, youden_j=float(best_j), youden_threshold=best_t, max_flagged=max_flagged)
-        if max_flagged is not None and (conf <= best_t).mean() > max_flagged:
-            within = [float(t) for t in np.unique(conf) if (conf <= t).mean() <= max_flagged]
-            result["threshold"] = within[-1] if within else None
+        # every candidate cut at once (a loop over cuts was quadratic in the scans): counts at or below each
+        cuts = np.unique(conf)
+        flagged_n = np.searchsorted(np.sort(conf), cuts, side="right")
+        failed_n = np.searchsorted(np.sort(conf[failed]), cuts, side="right")
+        j = failed_n / failed.sum() - (flagged_n - failed_n) / (~failed).sum()
+        best = int(np.argmax(j))  # the first (lowest) cut of the highest J
+        best_t = float(cuts[best])
+        result.update(threshold=best_t, youden_j=float(j[best]), youden_threshold=best_t, max_flagged=max_flagged)
+        share = flagged_n / len(conf)
+        if max_flagged is not None and share[best] > max_flagged:
+            within = cuts[share <= max_flagged]
+            result["threshold"] = float(within[-1]) if len(within) else None
     result.update(review_figures(conf, failed, missed,
                                  None if result["threshold"] is None else conf <= result["threshold"]))
     return result

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from common import hardware, table, write_result
-from scipy import optimize
 
 from hemaseg.evaluation.evaluate import REVIEW_BELOW_DICE, review_figures
 from hemaseg.inference.review import ReviewHead
@@ -39,27 +38,6 @@ def load_rows(run: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def youden(score: np.ndarray, failed: np.ndarray) -> float:
-    best_j, best_t = -1.0, float(score.min())
-    for t in np.unique(score):
-        flagged = score <= t
-        j = flagged[failed].mean() - flagged[~failed].mean()
-        if j > best_j:
-            best_j, best_t = j, float(t)
-    return best_t
-
-
-def fit_logistic(x: np.ndarray, ok: np.ndarray, l2: float = 0.01) -> np.ndarray:
-    """Weights (last = bias) of P(ok | x) by L2-regularised maximum likelihood."""
-    xb = np.c_[x, np.ones(len(x))]
-
-    def nll(w):
-        z = xb @ w
-        return np.sum(np.logaddexp(0, z) - ok * z) + l2 * np.sum(w[:-1] ** 2)
-
-    return optimize.minimize(nll, np.zeros(xb.shape[1]), method="BFGS").x
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="a `hemaseg cv` run folder")
@@ -75,8 +53,7 @@ def main(argv=None) -> None:
               "confidence_entropy (before)": d["confidence_entropy"]}
     head = np.zeros(len(fold))
     for k in np.unique(fold):
-        w = fit_logistic(features[fold != k], (~failed[fold != k]).astype(float))
-        head[fold == k] = (np.c_[features, np.ones(len(fold))] @ w)[fold == k]
+        head[fold == k] = ReviewHead.fit(features[fold != k], ~failed[fold != k]).score_features(features[fold == k])
     scores["logistic quality head (fitted leave-one-fold-out)"] = head
     # hemaseg's review head now: misses weighted MISS_WEIGHT in the fit, Youden's cut capped at
     # REVIEW_MAX_FLAGGED of the scans; head and threshold both from the other folds
@@ -91,10 +68,8 @@ def main(argv=None) -> None:
     for name, score in scores.items():
         flagged = np.zeros(len(score), bool)
         for k in np.unique(fold):
-            if name == now:
-                cut = choose_review_threshold(score[fold != k], failed[fold != k])["threshold"]
-            else:
-                cut = youden(score[fold != k], failed[fold != k])
+            cap = REVIEW_MAX_FLAGGED if name == now else None  # the others: Youden's cut as it was
+            cut = choose_review_threshold(score[fold != k], failed[fold != k], max_flagged=cap)["threshold"]
             flagged[fold == k] = score[fold == k] <= cut
         r = review_figures(score, failed, missed, flagged)
         r["failures_flagged_share"] = float(flagged[failed].mean())

@@ -22,8 +22,8 @@ import time
 from common import CREDITS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import PRESETS
-from hemaseg.training.cv import run_cv
-from hemaseg.training.train import configure
+from hemaseg.crossval.cv import run_cv
+from hemaseg.data.plan import configure
 
 
 def main(argv=None) -> None:

@@ -33,7 +33,8 @@ from hemaseg.inference.predictor import load_model
 from hemaseg.io import atomic_write, atomic_write_text
 from hemaseg.models.checkpoint import FORMAT, load_checkpoint
 from hemaseg.models.pretrained import PACKAGED
-from hemaseg.training.train import configure, fit
+from hemaseg.data.plan import configure
+from hemaseg.training.train import fit
 
 ALL_SETS = ("busi", "busbra", "usgra")
 CREDITS = {**CREDITS, "synthetic": "hemaseg's synthetic ultrasound generator"}

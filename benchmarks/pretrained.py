@@ -29,8 +29,9 @@ from hemaseg.data.dataset import load_split
 from hemaseg.evaluation.evaluate import evaluate
 from hemaseg.inference.predictor import load_model
 from hemaseg.models.pretrained import check_left_out
-from hemaseg.training.cv import make_folds
-from hemaseg.training.train import configure, fit
+from hemaseg.crossval.cv import make_folds
+from hemaseg.data.plan import configure
+from hemaseg.training.train import fit
 
 # name -> (preset, overrides); `ultrasound` fine-tunes the packaged model, which must not have seen the set
 VARIANTS = {"scratch": ("scratch", {}), "imagenet": ("imagenet", {}), "ultrasound": ("default", {})}

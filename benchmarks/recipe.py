@@ -25,8 +25,9 @@ from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_
 from hemaseg.config import resolve_config
 from hemaseg.evaluation.evaluate import evaluate
 from hemaseg.inference.predictor import load_model
-from hemaseg.training.cv import make_folds
-from hemaseg.training.train import configure, fit
+from hemaseg.crossval.cv import make_folds
+from hemaseg.data.plan import configure
+from hemaseg.training.train import fit
 
 # a variant is the overrides it passes to resolve_config (flat setting names, config.SETTINGS) on top of
 # the `scratch` preset (the seed network from random weights) adapted to the data

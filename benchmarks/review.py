@@ -22,7 +22,7 @@ from common import CREDITS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.evaluation.evaluate import evaluate, failures
 from hemaseg.inference.predictor import load_model
-from hemaseg.training.cv import choose_review_threshold
+from hemaseg.evaluation.decisions import choose_review_threshold
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ from common import hardware, table, write_result
 
 from hemaseg.evaluation.evaluate import REVIEW_BELOW_DICE, review_figures
 from hemaseg.inference.review import ReviewHead
-from hemaseg.training.cv import MISS_WEIGHT, REVIEW_MAX_FLAGGED, choose_review_threshold
+from hemaseg.evaluation.decisions import MISS_WEIGHT, REVIEW_MAX_FLAGGED, choose_review_threshold
 
 
 def load_rows(run: Path) -> dict[str, np.ndarray]:

@@ -263,7 +263,8 @@ def hemaseg_epochs(data: Path, out: Path, epochs: int, batch: int, size: int, pr
                    workers: int = 0) -> tuple[list[float], int]:
     """hemaseg's fit() (cached letterboxed scans, MONAI augmentation, validation and checkpoints
     included). Returns (seconds per epoch, training images per epoch)."""
-    from hemaseg.training.train import configure, fit
+    from hemaseg.data.plan import configure
+    from hemaseg.training.train import fit
 
     overrides = {"size": size, "val_fraction": 0.1, "epochs": epochs, "batch_size": batch,
                  "device": str(DEVICE), "precision": precision, "num_workers": workers}

@@ -61,7 +61,7 @@ def _frame(text: str) -> int | None:
 
 
 def _spacing(text: str):
-    from hemaseg.measure.calibration import parse_pixel_spacing
+    from hemaseg.spacing import parse_pixel_spacing
 
     try:
         return parse_pixel_spacing(text)
@@ -478,7 +478,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _configure(args: argparse.Namespace):
-    from hemaseg.training.train import configure
+    from hemaseg.data.plan import configure
 
     base = None
     if args.config:
@@ -577,7 +577,7 @@ def _exit_status(errors: list, what: str, out) -> int:
 def _load(args, run=None):
     from hemaseg.device import select_device
     from hemaseg.inference.predictor import load_model
-    from hemaseg.training.distributed import local_device
+    from hemaseg.distributed import local_device
 
     device = local_device(select_device(args.device))  # under torchrun: this process's GPU
     return load_model(run or args.run, device=device, threshold=args.threshold, tta=args.tta,
@@ -612,7 +612,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from hemaseg.config import DataConfig
-    from hemaseg.inference.files import collect_inputs, predict_files
+    from hemaseg.data.listing import collect_inputs
+    from hemaseg.inference.files import predict_files
 
     from hemaseg.models.pretrained import resolve_model
 
@@ -708,7 +709,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from hemaseg.training.cv import run_cv
+    from hemaseg.crossval.cv import run_cv
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
@@ -731,7 +732,7 @@ def cmd_report(args) -> int:
 
     run = Path(args.run)
     if (run / "folds.json").is_file():
-        from hemaseg.training.cv import write_cv_report
+        from hemaseg.crossval.report import write_cv_report
 
         write_cv_report(run, args.data)
     else:

@@ -168,7 +168,7 @@ class TrainConfig:
     average is what validation scores and what the checkpoints hold for inference.
 
     Under torchrun `batch_size` is per process: the global batch is world size x batch_size, and
-    `budget_images` counts the images of all processes (training/distributed.py)."""
+    `budget_images` counts the images of all processes (distributed.py)."""
 
     epochs: int = 100
     batch_size: int = 4

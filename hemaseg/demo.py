@@ -11,7 +11,8 @@ from hemaseg.evaluation.evaluate import evaluate, write_report
 from hemaseg.inference.files import predict_files
 from hemaseg.inference.predictor import load_model
 from hemaseg.io import atomic_write_text, json_safe
-from hemaseg.training.train import configure, fit
+from hemaseg.data.plan import configure
+from hemaseg.training.train import fit
 
 # On the synthetic set (128 px, 3 minutes) the `seed` preset's batch 8 at lr 3e-3 scored higher than
 # `default`'s batch 4 at 1e-2 (held-out Dice 0.419 vs 0.306, fp32; benchmarks/recipe.py), so the demo

@@ -9,7 +9,7 @@ from hemaseg.cli import main
 from hemaseg.config import PRESETS, SETTINGS, ConfigError, DatasetStats, RunConfig, TrainConfig, make_plan, \
     resolve_config
 from hemaseg.demo import DEMO_PRESET, demo_overrides
-from hemaseg.training.train import configure
+from hemaseg.data.plan import configure
 
 
 def _sections(path):

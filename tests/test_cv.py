@@ -3,7 +3,8 @@ import json
 import numpy as np
 
 import hemaseg
-from hemaseg.training.cv import choose_review_threshold, make_folds, run_cv
+from hemaseg.crossval.cv import make_folds, run_cv
+from hemaseg.evaluation.decisions import choose_review_threshold
 
 from .conftest import tiny_config
 
@@ -61,7 +62,7 @@ def test_a_missed_lesion_is_flagged_not_the_most_confident_answer():
     """A probability map peaking just below the threshold on a scan with a lesion: nothing is predicted,
     and the new confidence sends it to review (the entropy-only one called it certain)."""
     from hemaseg.inference.postprocess import confidence, entropy_confidence
-    from hemaseg.training.cv import failures
+    from hemaseg.evaluation.evaluate import failures
 
     near_miss = np.full((32, 32), 0.01)
     near_miss[10:16, 10:16] = 0.08  # the model half-saw it, below 0.1 and far below the 0.5 threshold
@@ -83,7 +84,7 @@ def test_parallel_folds_train_the_same_models_as_sequential_ones(tiny_data, tmp_
     import torch
 
     from hemaseg.models.checkpoint import load_checkpoint
-    from hemaseg.training.cv import make_folds, train_folds
+    from hemaseg.crossval.cv import make_folds, train_folds
 
     cfg = tiny_config(tiny_data, epochs=1)
     for name, jobs in (("seq", 1), ("par", 2)):
@@ -102,7 +103,7 @@ def test_a_failing_parallel_fold_is_reported_by_number(tiny_data, tmp_path):
 
     import pytest
 
-    from hemaseg.training.cv import make_folds, train_folds
+    from hemaseg.crossval.cv import make_folds, train_folds
 
     cfg = tiny_config(tiny_data, epochs=1)
     split = make_folds(cfg, tmp_path, 2, seed=0)

@@ -41,7 +41,7 @@ from hemaseg.data.dicom import (
     read_dicom,
 )
 from hemaseg.data.images import DataError, to_gray
-from hemaseg.measure.calibration import Spacing
+from hemaseg.spacing import Spacing
 
 from .dicom_files import (
     H,

@@ -16,9 +16,9 @@ from pydicom.uid import UltrasoundMultiFrameImageStorage, generate_uid
 from hemaseg import __version__
 from hemaseg.cli import main
 from hemaseg.data.images import DataError, decode_image
-from hemaseg.measure.calibration import Spacing
+from hemaseg.spacing import Spacing
 from hemaseg.measure.dicom_out import write_seg, write_sr
-from hemaseg.measure.lesions import find_lesions
+from hemaseg.lesions import find_lesions
 from hemaseg.measure.scan import measure_scan
 
 from .dicom_files import H, W, native, region, save

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hemaseg.models.checkpoint import load_checkpoint
-from hemaseg.training import distributed
+from hemaseg import distributed
 from hemaseg.training.train import RUN_FILES, EpochSampler, build_loss, fit, gather_shards, global_batch_loss
 
 from .conftest import tiny_config
@@ -57,7 +57,7 @@ import torch
 
 torch.set_num_threads(1)
 from hemaseg.config import resolve_config
-from hemaseg.training import distributed
+from hemaseg import distributed
 from hemaseg.training.train import fit
 
 cfg = resolve_config(data, "seed", None, "cpu", settings)
@@ -179,8 +179,9 @@ def test_two_processes_train_the_model_one_process_trains_at_the_global_batch(jo
     """2 ranks x batch 2 = 1 process x batch 4: the same batches, the same global-batch loss and
     BatchNorm statistics; only the summation order differs.
 
-    Measured (9 AdamW steps, inputs from the uint8 training cache): weights 7.5e-4 apart in relative L2,
-    as far as two 1-process runs on 1 and 2 threads are (6.8e-4); the train loss agrees to 1.3e-4 (threads:
+    Measured (9 AdamW steps, inputs from the uint16 training cache): weights 1.5e-3 apart in relative L2 and
+    running statistics 2.2e-3, as far as two 1-process runs of the same settings on 1 and 2 threads are
+    (1.5e-3 and 2.1e-3); with the uint8 cache they were 7.5e-4 (threads 6.8e-4). The train loss agrees to 1.3e-4 (threads:
     7.4e-5), the validation Dice of a barely trained model (0.15, many pixels near the threshold) to 2.2e-3
     (threads: 4.4e-4); the tolerances sit above those floors. Before the
     cache (float32 inputs) those were 1.0e-4 and 1.0e-4; then, without SyncBatchNorm they were 6.4e-3
@@ -195,7 +196,7 @@ def test_two_processes_train_the_model_one_process_trains_at_the_global_batch(jo
     assert a.keys() == b.keys()
     weights = [k for k in b if b[k].is_floating_point() and "running" not in k]
     stats = [k for k in b if "running" in k]
-    assert _relative_l2(a, b, weights) < 1.5e-3 and _relative_l2(a, b, stats) < 1.5e-3
+    assert _relative_l2(a, b, weights) < 3e-3 and _relative_l2(a, b, stats) < 3e-3
     for got, want in zip(dist_run["history"], single["history"], strict=True):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=3e-4)
         assert got["val_dice"] == pytest.approx(want["val_dice"], abs=5e-3)
@@ -240,7 +241,7 @@ CLI_SCRIPT = SCRIPT.split("import torch\n", 1)[0].replace(
 import torch
 
 from hemaseg.cli import main
-from hemaseg.training import distributed
+from hemaseg import distributed
 
 # one process group for every command, which each join: a group created again on torchrun's store right
 # after one was destroyed can read the old group's addresses (one command per job does not meet this)

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import hemaseg
-from hemaseg.inference.files import collect_inputs, predict_files
+from hemaseg.data.listing import collect_inputs
+from hemaseg.inference.files import predict_files
 
 
 def _scans(folder, sizes):

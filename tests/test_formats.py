@@ -32,7 +32,7 @@ from hemaseg.data.formats import (
     simplify_outline,
 )
 from hemaseg.data.images import DataError
-from hemaseg.measure.lesions import label_lesions
+from hemaseg.lesions import label_lesions
 from tests.conftest import tiny_config
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hemaseg"
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     modules = {}
-    for f in PACKAGE.rglob("*.py"):
-        parts = list(f.relative_to(PACKAGE.parent).with_suffix("").parts)
+    for f in package.rglob("*.py"):
+        parts = list(f.relative_to(package.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         modules[".".join(parts)] = f
@@ -57,3 +57,40 @@ def test_no_import_cycles():
 def test_the_graph_sees_imports_inside_functions():
     graph = _graph()
     assert "hemaseg.inference.onnx" in graph["hemaseg.inference.backends"]  # imported lazily there
+
+
+# The stages, bottom up: a module may import its own stage and those below it, never one above, not even
+# inside a function. hemaseg/__init__.py (the lazy Python API), cli.py and demo.py sit on top.
+LAYERS = (
+    ("io", "device", "config", "lesions", "spacing", "render", "distributed"),  # the base
+    ("data",), ("models",), ("measure",), ("inference",), ("evaluation",), ("training",), ("crossval",),
+    ("label",), ("serve",), ("cli", "demo", "__main__"),
+)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:  # the package's __init__: the Python API, on top
+        return len(LAYERS) - 1
+    for i, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return i
+    raise AssertionError(f"{module}: not in any stage of LAYERS; place it there")
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} -> {t}" for m, targets in graph.items() for t in targets
+            if t.startswith("hemaseg.") and _layer(t) > _layer(m)]
+
+
+def test_stages_import_downward_only():
+    assert not _upward(_graph())
+
+
+def test_the_layer_check_sees_an_upward_import_inside_a_function(tmp_path):
+    fake = tmp_path / "hemaseg"
+    (fake / "inference").mkdir(parents=True)
+    for name in ("__init__.py", "inference/__init__.py", "inference/predictor.py"):
+        (fake / name).write_text("")
+    (fake / "lesions.py").write_text("def f():\n    from hemaseg.inference.predictor import Predictor\n")
+    assert _upward(_graph(fake)) == ["hemaseg.lesions -> hemaseg.inference.predictor"]

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from hemaseg.measure.lesions import count_lesions, find_lesions, trace_outline
+from hemaseg.lesions import count_lesions, find_lesions, trace_outline
 
 
 def test_square_outline_is_its_border_clockwise_from_top_left():

@@ -17,7 +17,7 @@ from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 from hemaseg.cli import main
 from hemaseg.data.dataset import check_dataset, load_dataset
 from hemaseg.data.images import decode_image
-from hemaseg.measure.calibration import Spacing, parse_pixel_spacing
+from hemaseg.spacing import Spacing, parse_pixel_spacing
 from hemaseg.measure.scan import choose_spacing, looks_like_sector, measure_scan
 
 from .dicom_files import H, W, encapsulated, native, pil_bytes, region, save, to_bytes

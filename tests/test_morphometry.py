@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from hemaseg.measure.calibration import Spacing
-from hemaseg.measure.lesions import find_lesions
+from hemaseg.spacing import Spacing
+from hemaseg.lesions import find_lesions
 from hemaseg.measure.morphometry import (
     NO_CALIBRATION,
     NO_IMAGE,

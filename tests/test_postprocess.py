@@ -6,12 +6,12 @@ from hemaseg.inference.postprocess import (
     PostprocessPlan,
     apply_plan,
     confidence,
-    decide_plan,
     fill_holes,
     keep_largest,
     remove_small,
 )
 from hemaseg.data.transforms import letterbox_geometry
+from hemaseg.evaluation.decisions import decide_plan
 from hemaseg.inference.predictor import Predictor, predict_boxed
 
 

@@ -9,7 +9,8 @@ from PIL import Image
 from scipy import ndimage
 
 from hemaseg.evaluation.metrics import per_image_metrics, summarize_metrics
-from hemaseg.evaluation.report import case_overlay, overlay_contours, write_run_report
+from hemaseg.evaluation.report import case_overlay, write_run_report
+from hemaseg.render import overlay_contours
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -8,7 +8,7 @@ import pytest
 
 from hemaseg.evaluation.evaluate import failures
 from hemaseg.inference.review import REVIEW_FEATURES, ReviewHead, review_features
-from hemaseg.training.cv import fit_review
+from hemaseg.crossval.cv import fit_review
 
 
 def blob(peak: float, size: int = 32, r: int = 6) -> np.ndarray:

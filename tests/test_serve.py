@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from hemaseg.data.images import read_image
 from hemaseg.inference.predictor import load_model
-from hemaseg.measure.lesions import count_lesions
+from hemaseg.lesions import count_lesions
 from hemaseg.serve import Settings, create_app
 
 

@@ -90,10 +90,12 @@ def test_a_budget_in_images_seen_fixes_the_epochs_whatever_the_clock(tiny_data, 
         tiny_config(tiny_data, budget_images=50, budget_minutes=1.0)
 
 
-def test_a_budget_fits_the_epochs_to_the_time_on_a_fake_clock(tiny_data, tmp_path):
+@pytest.mark.parametrize("augment_on", ["loader", "batch"])  # batch: the CUDA default, which once ignored it
+def test_a_budget_fits_the_epochs_to_the_time_on_a_fake_clock(tiny_data, tmp_path, augment_on):
     """Every clock reading advances 1 s, so an epoch 'takes' a fixed time whatever the machine does."""
     ticks = iter(range(10**6))
-    summary = fit(tiny_config(tiny_data, epochs=1, budget_minutes=0.5), tmp_path / "run", progress=False,
+    cfg = tiny_config(tiny_data, epochs=1, budget_minutes=0.5, augment_on=augment_on)
+    summary = fit(cfg, tmp_path / "run", progress=False,
                   clock=lambda: float(next(ticks)))
     history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
     per_epoch = history[2]["elapsed_s"] - history[1]["elapsed_s"]  # wall time per epoch, checkpoints included

@@ -1,18 +1,20 @@
 """The training cache: every scan of a dataset letterboxed once to the run's size, in memory-mapped
-uint8 files on disk, so training needs little memory of its own however large the data is.
+files on disk, so training needs little memory of its own however large the data is.
 
 A float32 copy of each letterboxed scan and mask in memory (what training kept before) costs 0.5 MB per
-256 px scan: 50,000 scans would need 26 GB in every process. Here a scan costs 2 bytes per pixel on disk
-(image and mask, 128 KB at 256 px), read through np.memmap: the operating system pages it in as the
+256 px scan: 50,000 scans would need 26 GB in every process. Here a scan costs 3 bytes per pixel on disk
+(image and mask, 192 KB at 256 px), read through np.memmap: the operating system pages it in as the
 epochs touch it, shares those pages between every process of a torchrun job on the machine, and can drop
 them again under memory pressure, so a cache larger than the memory still trains (more slowly, from
-disk). Images are stored as round(255 x the letterboxed [0, 1] image), a step of 0.002 (the scans are
-8-bit to begin with); each scan's normalisation statistics are those of its stored pixels, applied when
-a scan is read, so one cache serves every normalisation.
+disk). Images are stored as round(65535 x the letterboxed [0, 1] image): an 8-bit scan exactly, a 12- or
+16-bit one to 1/65535 (a uint8 store left a 12-bit-in-16 scan ~17 grey levels while inference saw them
+all). Training normalises a stored scan with `transforms.normalize`, the function inference's
+`preprocess` calls on the same letterboxed pixels: one preprocessing, so one cache serves every
+normalisation.
 
-CACHE_DIR/<key>/ is one cache: images.u8 (N, S, S), masks.u8 (N, S, S) in {0, 1}, originals.u8 (each scan's
+CACHE_DIR/<key>/ is one cache: images.u16 (N, S, S), masks.u8 (N, S, S) in {0, 1}, originals.u8 (each scan's
 mask at its original size, bit-packed, for the validation Dice at full resolution) and index.json (names,
-letterbox geometry, statistics). The key is a hash of the dataset's fingerprint (every image and mask
+letterbox geometry). The key is a hash of the dataset's fingerprint (every image and mask
 byte), the size and the mask settings, so any run, fold or process on the same data and size reuses the
 cache, and changed data or settings get a new one. A cache is built in a temp folder and renamed into
 place when complete: a killed build leaves no cache, and of two processes building the same one, the
@@ -44,7 +46,8 @@ from hemaseg.data.transforms import Letterbox, letterbox
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the stored layout or the letterbox changes
+IMAGE_SCALE = 65535  # stored image = round(IMAGE_SCALE x the [0, 1] letterboxed scan)
+CACHE_VERSION = 2  # bump when the stored layout or the letterbox changes
 
 
 def default_cache_dir() -> Path:
@@ -65,10 +68,9 @@ class ScanCache:
 
     path: Path
     names: list[str]
-    images: np.ndarray  # (N, S, S) uint8, memory-mapped: round(255 x letterboxed image)
+    images: np.ndarray  # (N, S, S) uint16, memory-mapped: round(65535 x letterboxed image)
     masks: np.ndarray  # (N, S, S) uint8 in {0, 1}, memory-mapped
     boxes: list[Letterbox]
-    stats: np.ndarray  # (N, 2) float64: mean and std of each scan's real (unpadded) stored pixels, in [0, 1]
     _originals: np.ndarray  # flat uint8, bit-packed original masks
     _offsets: np.ndarray  # (N + 1,) start of each scan's packed mask in _originals
 
@@ -78,14 +80,14 @@ class ScanCache:
         n, s = len(index["names"]), index["size"]
         shape = (n, s, s)
 
-        def mapped(name: str, shape_) -> np.ndarray:
+        def mapped(name: str, shape_, dtype=np.uint8) -> np.ndarray:
             if not np.prod(shape_):
-                return np.zeros(shape_, np.uint8)
-            return np.memmap(path / name, np.uint8, "r", shape=shape_)
+                return np.zeros(shape_, dtype)
+            return np.memmap(path / name, dtype, "r", shape=shape_)
 
         offsets = np.asarray(index["offsets"], np.int64)
-        return cls(path, list(index["names"]), mapped("images.u8", shape), mapped("masks.u8", shape),
-                   [Letterbox(*b) for b in index["boxes"]], np.asarray(index["stats"], np.float64).reshape(n, 2),
+        return cls(path, list(index["names"]), mapped("images.u16", shape, np.uint16),
+                   mapped("masks.u8", shape), [Letterbox(*b) for b in index["boxes"]],
                    mapped("originals.u8", (int(offsets[-1]),)), offsets)
 
     def __len__(self) -> int:
@@ -105,11 +107,6 @@ class ScanCache:
         box = self.boxes[i]
         bits = np.unpackbits(np.asarray(self._originals[self._offsets[i]:self._offsets[i + 1]]))
         return bits[:box.orig_h * box.orig_w].reshape(box.orig_h, box.orig_w).astype(bool)
-
-
-def _stats(stored: np.ndarray, box: Letterbox) -> tuple[float, float]:
-    region = stored[box.top:box.top + box.new_h, box.left:box.left + box.new_w].astype(np.float64) / 255
-    return float(region.mean()), float(region.std())
 
 
 def _writable(root: Path) -> bool:
@@ -154,20 +151,19 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
     try:
         n = len(samples)
         shape = (n, size, size)
-        images = np.memmap(tmp / "images.u8", np.uint8, "w+", shape=shape) if n else np.zeros(shape, np.uint8)
+        images = np.memmap(tmp / "images.u16", np.uint16, "w+", shape=shape) if n else np.zeros(shape, np.uint16)
         masks = np.memmap(tmp / "masks.u8", np.uint8, "w+", shape=shape) if n else np.zeros(shape, np.uint8)
-        boxes, stats, offsets = [], [], [0]
+        boxes, offsets = [], [0]
         with open(tmp / "originals.u8", "wb") as originals:
             for i, sample in enumerate(tqdm(samples, desc="cache", unit="img", disable=not progress, leave=False)):
                 image, mask = load_sample(sample, mask_threshold, max_pixels)
                 boxed, boxed_mask, box = letterbox(image, size, mask)
-                images[i] = np.clip(np.rint(boxed * 255), 0, 255).astype(np.uint8)
+                images[i] = np.clip(np.rint(boxed * IMAGE_SCALE), 0, IMAGE_SCALE).astype(np.uint16)
                 masks[i] = boxed_mask.astype(np.uint8)
                 packed = np.packbits(mask.ravel())
                 originals.write(packed.tobytes())
                 offsets.append(offsets[-1] + packed.size)
                 boxes.append([box.orig_h, box.orig_w, box.size, box.top, box.left, box.new_h, box.new_w])
-                stats.append(_stats(images[i], box))
             originals.flush()
             os.fsync(originals.fileno())
         for mapped in (images, masks):
@@ -175,7 +171,7 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
                 mapped.flush()
         del images, masks
         index = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "names": [s.name for s in samples],
-                 "boxes": boxes, "stats": stats, "offsets": offsets}
+                 "boxes": boxes, "offsets": offsets}
         (tmp / "index.json").write_text(json.dumps(index))
         try:
             os.rename(tmp, final)  # the cache appears complete or not at all

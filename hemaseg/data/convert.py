@@ -11,7 +11,7 @@ masks training would see) and written as:
     labelme  OUT/NAME.ext + OUT/NAME.json (one polygon per lesion), OUT/labels.txt
 
 Round trips are exact for folder, nnunet, coco and cvat: the written files read back to the same masks,
-pixel for pixel (RLE and PNG are pixel formats; lesions are 8-connected components, `measure.lesions`).
+pixel for pixel (RLE and PNG are pixel formats; lesions are 8-connected components, `hemaseg.lesions`).
 LabelMe is for correcting outlines by hand: its polygons follow the traced outline within `tolerance` px
 and lesion holes are filled (`formats.lesion_outlines`). Image files are copied byte for byte, except for
 nnU-Net, which needs one-channel PNG: a gray PNG is copied, anything else is written as 8-bit (or, when the
@@ -50,7 +50,7 @@ from hemaseg.data.formats import (
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError, decode_image, open_image
 from hemaseg.data.pixels import read_file
 from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes
-from hemaseg.measure.lesions import label_lesions
+from hemaseg.lesions import label_lesions
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _image_name(sample: Sample) -> str:
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """Each lesion (8-connected, `measure.lesions`) as its own bool HxW mask, in label order."""
+    """Each lesion (8-connected, `hemaseg.lesions`) as its own bool HxW mask, in label order."""
     labels, n = label_lesions(mask)
     return [labels == k for k in range(1, n + 1)]
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hemaseg.data.pixels import MAX_PIXELS_DEFAULT, MAX_PIXELS_FLAG, DataError, is_dicom, to_gray
-from hemaseg.measure.calibration import Spacing
+from hemaseg.spacing import Spacing
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ lesion shape is a scan without a lesion (an empty mask): COCO and CVAT list ever
 annotated looks the same; `check` counts the empty masks.
 
 Writers (`convert`, `predict --format labelme`) produce files that read back through the same rules:
-COCO and CVAT are written as pixel RLE per lesion (8-connected, `measure.lesions`), so they read back to
+COCO and CVAT are written as pixel RLE per lesion (8-connected, `hemaseg.lesions`), so they read back to
 exactly the mask; LabelMe as polygons for correction by hand (see `labelme_document` for the tolerance).
 """
 
@@ -1207,14 +1207,14 @@ def _pixel_squares(pixels: list[tuple[int, int]]) -> list[tuple[float, float]]:
 
 
 def lesion_outlines(mask: np.ndarray, tolerance: float = LABELME_TOLERANCE_PX) -> list[list[tuple[float, float]]]:
-    """Each lesion of a bool HxW mask (`measure.lesions`, largest first) as a polygon in annotation
+    """Each lesion of a bool HxW mask (`hemaseg.lesions`, largest first) as a polygon in annotation
     coordinates: its traced outline (`Lesion.contour`, through border pixel centres, i.e. +0.5) simplified
     by `simplify_outline` at `tolerance` px, halving the tolerance while the result would cross itself.
 
     Read back by `fill_polygon`, tolerance 0 gives exactly the mask with its holes filled (polygons have
     none); a larger tolerance moves the outline by at most that many pixels. A lesion of 1 or 2 pixels is
     outlined along its pixel edges instead (exact too)."""
-    from hemaseg.measure.lesions import find_lesions
+    from hemaseg.lesions import find_lesions
 
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 px, got {tolerance}")

@@ -29,7 +29,7 @@ from monai.metrics import (
     get_confusion_matrix,
 )
 
-from hemaseg.measure.lesions import label_lesions
+from hemaseg.lesions import label_lesions
 
 EMPTY_RULE = (
     "reference and prediction both empty -> Dice/IoU NaN (excluded from means, counted as a true-negative "

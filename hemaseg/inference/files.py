@@ -18,58 +18,31 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hemaseg.data.dataset import natural_key
 from hemaseg.data.images import (
-    IMAGE_SUFFIXES,
     MAX_PIXELS_DEFAULT,
     DataError,
     Decoded,
-    decode_image,
-    read_head,
 )
-from hemaseg.data.pixels import DICOM_HEAD_BYTES, is_dicom
-from hemaseg.evaluation.report import overlay_contours
+from hemaseg.render import overlay_contours
+from hemaseg.data.listing import collect_inputs, read_frames
 from hemaseg.inference import manifest
 from hemaseg.inference.predictor import Predictor
-from hemaseg.io import atomic_write_bytes, png_bytes, write_csv
-from hemaseg.measure.calibration import Spacing
-from hemaseg.measure.scan import IMAGE_COLUMNS, LESION_COLUMNS, measure_scan
+from hemaseg.io import atomic_write_bytes, png_bytes
+from hemaseg.spacing import Spacing
+from hemaseg.measure.tables import PredictResult, write_tables
+from hemaseg.measure.scan import IMAGE_COLUMNS, measure_scan
 
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("image", "width", "height", "lesion_area_px", "lesion_fraction", "n_lesions", "max_prob",
                       "confidence", "needs_review", "finding", "frame") + tuple(c for c in IMAGE_COLUMNS
                                                                               if c != "n_lesions")
-ERROR_COLUMNS = ("image", "code", "problem")
-
-
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to the images inside (an `images/` subfolder if present)."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            folder = item / "images" if (item / "images").is_dir() else item
-            found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-            if not found:
-                raise FileNotFoundError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            files.extend(sorted(found, key=lambda p: natural_key(p.name)))
-        elif item.exists() or item.is_symlink():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    unique = list(dict.fromkeys(p.absolute() for p in files))
-    stems: dict[str, Path] = {}
-    for p in unique:
-        if p.stem in stems:
-            raise ValueError(f"{p}: same name as {stems[p.stem]}; outputs would overwrite each other")
-        stems[p.stem] = p
-    return unique
 
 
 @dataclass(frozen=True)
@@ -86,44 +59,6 @@ class OutputOptions:
     dicom_seg: bool = False
     model_name: str | None = None
     labelme_tolerance: float | None = None
-
-
-@dataclass
-class PredictResult:
-    rows: list[dict] = field(default_factory=list)  # one per scan segmented, as in predictions.csv
-    errors: list[dict] = field(default_factory=list)  # one per scan that failed, as in errors.csv
-    lesions: list[dict] = field(default_factory=list)  # one per measured lesion, as in lesions.csv
-    out_dir: Path | None = None
-    labelme: list[Path] = field(default_factory=list)  # LabelMe files written beside their scans
-    labelme_kept: list[Path] = field(default_factory=list)  # LabelMe files already there, left untouched
-    skipped: int = 0  # inputs a previous job into the folder had done (skip_existing)
-
-
-def read_frames(path: Path, frame: int | None, max_pixels: int | None) -> list[tuple[str, int | None, Decoded]]:
-    """(output name, frame index, Decoded) for one input: its one image, the asked-for frame of a DICOM
-    cine, or (`frame` None) every frame as NAME_frameNNN."""
-    if frame is not None:
-        decoded = decode_image(path, max_pixels, frame=frame)
-        return [(path.stem, decoded.dicom.frame_index if decoded.dicom else None, decoded)]
-    if not is_dicom(read_head(path, DICOM_HEAD_BYTES)):
-        return [(path.stem, None, decode_image(path, max_pixels))]
-    from hemaseg.data.dicom import read_dicom
-
-    scan = read_dicom(path, None, max_pixels)  # every frame, the file read once
-    names = [path.stem] if scan.n_frames == 1 else [f"{path.stem}_frame{i:03d}" for i in range(scan.n_frames)]
-    return [(name, i, Decoded(scan.frames[i], "DICOM", scan.photometric, scan)) for i, name in enumerate(names)]
-
-
-def write_tables(result: PredictResult, name: str, columns: Sequence[str]) -> None:
-    """The per-scan table `name`, lesions.csv and errors.csv (only when some scan failed: a rerun that
-    succeeded leaves no stale error list) of predict and measure, each written atomically."""
-    out = result.out_dir
-    write_csv(out / name, result.rows, columns)
-    write_csv(out / "lesions.csv", result.lesions, LESION_COLUMNS)
-    if result.errors:
-        write_csv(out / "errors.csv", result.errors, ERROR_COLUMNS)
-    elif (out / "errors.csv").is_file():
-        (out / "errors.csv").unlink()
 
 
 def _write_outputs(files: dict[Path, bytes]) -> None:
@@ -174,7 +109,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     the manifest and the tables of all of them at the end; it returns them all, the other ranks their own."""
     import torch
 
-    from hemaseg.training import distributed
+    from hemaseg import distributed
 
     if labelme_tolerance is not None and labelme_tolerance < 0:
         raise ValueError(f"the LabelMe outline tolerance must be >= 0 px, got {labelme_tolerance}")

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from hemaseg.io import atomic_write_text
-from hemaseg.measure.lesions import label_lesions
+from hemaseg.lesions import label_lesions
 
 
 @dataclass(frozen=True)
@@ -108,37 +108,3 @@ def entropy_confidence(prob: np.ndarray, threshold: float = 0.5) -> float:
     p = np.clip(prob[region], 1e-6, 1 - 1e-6)
     entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
     return float(1 - entropy.mean())
-
-
-def decide_plan(probs: list[np.ndarray], refs: list[np.ndarray], threshold: float = 0.5,
-                min_px_candidates: tuple[int, ...] = (10, 50, 200),
-                lesion_prob_candidates: tuple[float, ...] = (0.7, 0.8, 0.9, 0.95)) -> tuple[PostprocessPlan, dict]:
-    """Greedily add each step that raises the mean Dice over `probs` vs `refs` (both-empty images
-    count as 1 here, so removing a false positive is rewarded; an emptied lesion scan counts 0, so a
-    gate that misses lesions pays for it). Returns (plan, evidence)."""
-    from hemaseg.evaluation.metrics import dice
-
-    masks = [np.asarray(p) >= threshold for p in probs]
-    peaks = [np.full(1, float(np.max(p)) if np.size(p) else 0.0) for p in probs]  # apply_plan needs only the max
-
-    def score(plan: PostprocessPlan) -> float:
-        values = [dice(apply_plan(m, plan, pk), r)[0] for m, pk, r in zip(masks, peaks, refs)]
-        return float(np.mean([1.0 if np.isnan(v) else v for v in values]))
-
-    plan = PostprocessPlan()
-    evidence = {"none": score(plan)}
-    best = evidence["none"]
-    candidates = [("fill_holes", {"fill_holes": True})]
-    candidates += [(f"min_component_px={n}", {"min_component_px": n}) for n in min_px_candidates]
-    candidates += [("keep_largest", {"keep_largest": True})]
-    candidates += [(f"lesion_min_prob={q}", {"lesion_min_prob": q}) for q in lesion_prob_candidates]
-    for name, change in candidates:
-        if ("min_component_px" in change and plan.min_component_px) or \
-                ("lesion_min_prob" in change and plan.lesion_min_prob):
-            continue
-        trial = PostprocessPlan(**{**asdict(plan), **change})
-        evidence[name] = s = score(trial)
-        if s > best + 1e-4:
-            plan, best = trial, s
-    evidence["chosen"] = best
-    return plan, evidence

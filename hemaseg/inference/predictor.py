@@ -25,7 +25,7 @@ from hemaseg.device import select_device
 from hemaseg.inference.backends import Backend, choose_backend, make_backend
 from hemaseg.inference.postprocess import PostprocessPlan, apply_plan, confidence
 from hemaseg.inference.review import ReviewHead
-from hemaseg.measure.lesions import count_lesions
+from hemaseg.lesions import count_lesions
 from hemaseg.models.checkpoint import load_weights, resolve_checkpoint
 from hemaseg.models.pretrained import resolve_model
 

@@ -63,7 +63,7 @@ from hemaseg.data.dicom import element_value, frame_count, quiet
 from hemaseg.data.images import DataError, is_dicom
 from hemaseg.data.pixels import read_file
 from hemaseg.io import atomic_write_bytes
-from hemaseg.measure.lesions import find_lesions
+from hemaseg.lesions import find_lesions
 from hemaseg.measure.morphometry import NO_IMAGE, NO_SKIN_LINE, ImageMeasurement
 from hemaseg.measure.scan import ScanMeasurement
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from hemaseg.data.dataset import read_mask
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError
-from hemaseg.inference.files import PredictResult, collect_inputs, read_frames, write_tables
+from hemaseg.data.listing import collect_inputs, read_frames
 from hemaseg.io import atomic_write_bytes
-from hemaseg.measure.calibration import Spacing
+from hemaseg.spacing import Spacing
 from hemaseg.measure.scan import IMAGE_COLUMNS, measure_scan
+from hemaseg.measure.tables import PredictResult, write_tables
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from hemaseg.measure.calibration import Spacing
-from hemaseg.measure.lesions import label_lesions
+from hemaseg.spacing import Spacing
+from hemaseg.lesions import label_lesions
 
 NO_CALIBRATION = "no calibration: figures are in pixels and the mm fields are None"
 SECTOR_THICKNESS = ("sector/curvilinear image: thickness and depths are measured along image rows, "

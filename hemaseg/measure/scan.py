@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hemaseg.data.images import Decoded
-from hemaseg.measure.calibration import Spacing
+from hemaseg.spacing import Spacing
 from hemaseg.measure.morphometry import ImageMeasurement, measure_mask
 
 MAX_MEASURED_LESIONS = 20  # a noisy mask can hold thousands of specks; the report lists the largest

@@ -61,7 +61,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -69,17 +69,21 @@ from PIL import Image
 from hemaseg.config import ConfigError
 from hemaseg.data.dataset import read_mask
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError, decode_image
-from hemaseg.evaluation.report import REPORT_CSS, new_figure, figure_png, img_tag, overlay_contours
+from hemaseg.render import REPORT_CSS, figure_png, img_tag, new_figure, overlay_contours
 from hemaseg.io import atomic_write_bytes, atomic_write_text, png_bytes, remove_stale_temps, write_csv
-from hemaseg.measure.calibration import Spacing, parse_pixel_spacing
-from hemaseg.measure.lesions import label_lesions
+from hemaseg.spacing import Spacing, parse_pixel_spacing
+from hemaseg.lesions import label_lesions
 from hemaseg.measure.morphometry import NO_IMAGE, NO_SKIN_LINE, LesionMeasurement, ellipsoid_volume_mm3
 from hemaseg.measure.scan import ScanMeasurement, measure_scan
 
-if TYPE_CHECKING:
-    from hemaseg.inference.predictor import Predictor
-
 log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """What track needs of a model (a `hemaseg.load_model(...)` result): gray HxW -> a result with `.mask`."""
+
+    def predict(self, image: np.ndarray): ...
+
 
 REQUIRED_COLUMNS = ("patient", "lesion", "site", "image")
 TIME_COLUMNS = ("date", "age_weeks")  # at least one of them

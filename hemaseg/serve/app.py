@@ -41,11 +41,11 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from hemaseg import __version__
 from hemaseg.data.images import DataError, Decoded, decode_image
-from hemaseg.evaluation.report import overlay_contours
+from hemaseg.render import overlay_contours
 from hemaseg.inference.predictor import Predictor, load_model
 from hemaseg.io import atomic_write_bytes, json_safe, png_bytes
-from hemaseg.measure.calibration import Spacing, parse_pixel_spacing
-from hemaseg.measure.lesions import find_lesions
+from hemaseg.spacing import Spacing, parse_pixel_spacing
+from hemaseg.lesions import find_lesions
 from hemaseg.measure.scan import measure_scan
 
 log = logging.getLogger(__name__)

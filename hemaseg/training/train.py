@@ -41,7 +41,6 @@ import math
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hemaseg import __version__
-from hemaseg.config import DataConfig, RunConfig, resolve_config
+from hemaseg.config import RunConfig
 from hemaseg.data.dataset import (
     LoadedDataset,
     find_groups,
@@ -65,7 +64,8 @@ from hemaseg.data.dataset import (
     split_train_val,
 )
 from hemaseg.data.batch_augment import BatchAugment
-from hemaseg.data.cache import ScanCache, open_or_build
+from hemaseg.data.plan import configure
+from hemaseg.data.cache import IMAGE_SCALE, ScanCache, open_or_build
 from hemaseg.data.transforms import augment, build_augmentation, normalize
 from hemaseg.device import available_cpus, bf16_supported, describe_cpu, select_device
 from hemaseg.evaluation.metrics import dice
@@ -76,8 +76,8 @@ from hemaseg.io import atomic_write_text, remove_stale_temps
 from hemaseg.models import build_model
 from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaseg.models.pretrained import load_imagenet_encoder, load_packaged_weights
-from hemaseg.training import distributed
-from hemaseg.training.distributed import Distributed
+from hemaseg import distributed
+from hemaseg.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class RunFolderError(ValueError):
 
 class CachedSet:
     """A split's scans in the training cache (data/cache.py), read as the network sees them: the stored
-    uint8 letterboxed scan normalised on the way out (float32), its mask, its geometry and its mask at
-    the original size. Nothing is copied into memory: each read takes the scan from the memory map."""
+    letterboxed scan normalised on the way out by `transforms.normalize` (what inference's `preprocess`
+    does), its mask, its geometry and its mask at the original size. Nothing is copied into memory: each read takes the scan from the memory map."""
 
     def __init__(self, cache: ScanCache, names: Sequence[str], method: str):
         row = {name: i for i, name in enumerate(cache.names)}
@@ -102,11 +102,8 @@ class CachedSet:
     def image(self, i: int) -> np.ndarray:
         """Scan i normalised, float32 (S, S)."""
         r = self.rows[i]
-        stored = np.asarray(self.cache.images[r], np.float32) * np.float32(1 / 255)
-        if self.method == "unit":
-            return normalize(stored, None, "unit")
-        mean, std = self.cache.stats[r]
-        return ((stored - np.float32(mean)) / np.float32(max(std, 1e-6))).astype(np.float32)
+        stored = np.asarray(self.cache.images[r], np.float32) * np.float32(1 / IMAGE_SCALE)
+        return normalize(stored, self.cache.boxes[r], self.method)
 
     def images(self, idx: Sequence[int]) -> np.ndarray:
         return np.stack([self.image(i) for i in idx])  # (n, S, S)
@@ -565,6 +562,7 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
                         worker_init_fn=_quiet_worker if workers else None, pin_memory=device.type == "cuda")
     bar = tqdm(total=plan["epochs"], initial=start_epoch - 1, desc="train", unit="epoch", disable=not progress)
     best_payload, last_flush = None, -math.inf
+    resumed = state is not None
     epoch = start_epoch
     while epoch <= plan["epochs"]:
         t_epoch = clock()
@@ -574,8 +572,8 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
         for step, (x, y) in enumerate(loader if workers else single_threaded_batches(loader)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if batch_augment is not None:  # seeded by (seed, epoch, step, rank): the same after a resume
-                state = np.random.SeedSequence([tc.seed, epoch, step, dist.rank]).generate_state(1)[0]
-                x, y = batch_augment(x, y, torch.Generator().manual_seed(int(state)))
+                batch_seed = np.random.SeedSequence([tc.seed, epoch, step, dist.rank]).generate_state(1)[0]
+                x, y = batch_augment(x, y, torch.Generator().manual_seed(int(batch_seed)))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -605,7 +603,7 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
         row = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
                "val_dice": val_dice, "epoch_s": round(epoch_s, 3), "elapsed_s": round(elapsed, 3)}
         history.append(row)
-        if tc.budget_minutes is not None and state is None:
+        if tc.budget_minutes is not None and not resumed:  # a resumed run keeps the epochs it planned
             _fit_epochs_to_budget(plan, tc.budget_minutes * 60, elapsed, history, epoch)
             plan["epochs"] = dist.broadcast(plan["epochs"])  # rank 0's clock decides for every process
             bar.total = plan["epochs"]
@@ -702,23 +700,6 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(out / "metrics.csv", buf.getvalue())
-
-
-def configure(data_root: str | Path, preset: str = "default", overrides: Mapping | None = None,
-              base: Mapping | None = None, progress: bool = False) -> tuple[RunConfig, LoadedDataset]:
-    """Read the dataset once and resolve the run's config from its statistics (`config.resolve_config`):
-    what `hemaseg train`, `hemaseg cv`, `train_model`, the demo and the benchmarks all do."""
-    overrides = dict(overrides or {})
-    base_data = (base or {}).get("data", {})
-    mask_threshold = overrides.get("mask_threshold", base_data.get("mask_threshold"))
-    max_pixels = overrides.get("max_pixels") or base_data.get("max_pixels") or DataConfig.max_pixels
-    labels = overrides.get("labels", base_data.get("labels"))
-    data = load_dataset(data_root, mask_threshold, max_pixels, progress, labels=labels)
-    device = overrides.get("device") or (base or {}).get("train", {}).get("device") or "auto"
-    cfg = resolve_config(data_root, preset, data.stats, select_device(device).type, overrides, base)
-    if cfg.plan is not None:
-        log.info(cfg.plan.describe(cfg))
-    return cfg, data
 
 
 def train_model(data: str | Path, out: str | Path, preset: str = "default", overwrite: bool = False,

@@ -18,7 +18,6 @@ writes folds.json and evaluates once every fold is trained.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -27,27 +26,24 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from hemaseg.config import RunConfig
-from hemaseg.data.dataset import find_groups, find_samples, kfold_split, load_sample, read_groups, read_mask
+from hemaseg.data.dataset import find_groups, find_samples, kfold_split, read_groups
 from hemaseg.device import available_cpus
 from hemaseg.evaluation.evaluate import (
-    REVIEW_BELOW_DICE,
     evaluate,
     failures,
-    review_figures,
     score_image,
     summarize,
     write_evaluation,
-    write_report,
 )
-from hemaseg.inference.postprocess import decide_plan
 from hemaseg.inference.predictor import FOLD_WEIGHTS, load_model
 from hemaseg.inference.review import ReviewHead, review_features
 from hemaseg.io import atomic_write_text, json_safe, save_png
-from hemaseg.training import distributed
+from hemaseg import distributed
 from hemaseg.training.train import fit
+from hemaseg.crossval.report import _mean_dice, variant_summary, write_cv_report
+from hemaseg.evaluation.decisions import MISS_WEIGHT, choose_review_threshold, decide_plan
 
 log = logging.getLogger(__name__)
 
@@ -66,49 +62,6 @@ def make_folds(cfg: RunConfig, out: Path, folds: int, seed: int) -> list[dict]:
     atomic_write_text(path, json.dumps({"n_folds": folds, "seed": seed, "grouped": groups is not None,
                                         "folds": split}, indent=2))
     return split
-
-
-# The review head's fit counts a missed lesion as this many failures: a miss is the error decision support
-# must catch first. Measured on the 10-minute BUSI CV (benchmarks/review_rules.py, head and threshold both
-# chosen leave-one-fold-out; misses flagged at most 40 % flagged): weight 1 0.745, 2 0.915, 3 0.957, 5 0.979,
-# AUROC against all failures 0.832 / 0.827 / 0.826 / 0.822. 3 was picked from that sweep.
-MISS_WEIGHT = 3.0
-# At most this share of scans is flagged (the review work a clinic can take): Youden's J cut, lowered to
-# flag no more than this share of the out-of-fold scans when it would flag more.
-REVIEW_MAX_FLAGGED = 0.4
-
-
-def choose_review_threshold(conf: np.ndarray, failed: np.ndarray, dice: np.ndarray | None = None,
-                            missed: np.ndarray | None = None, max_flagged: float | None = REVIEW_MAX_FLAGGED) -> dict:
-    """Confidence at or below which a case is flagged: the cut that best separates failures (see
-    `failures`) from the rest (Youden's J), lowered where it would flag more than `max_flagged` of the
-    scans (None: no cap). Also reports the figures of `review_figures`, the uncapped cut and the Spearman
-    correlation of confidence and Dice where Dice is defined."""
-    conf, failed = np.asarray(conf, np.float64), np.asarray(failed, bool)
-    missed = np.zeros_like(failed) if missed is None else np.asarray(missed, bool)
-    result = {"n": int(len(conf)), "review_below_dice": REVIEW_BELOW_DICE, "threshold": None,
-              "spearman_r": None, "spearman_p": None}
-    if dice is not None:
-        ok = np.isfinite(dice)
-        if ok.sum() >= 3 and np.ptp(conf[ok]) > 0 and np.ptp(dice[ok]) > 0:
-            r = stats.spearmanr(conf[ok], dice[ok])
-            result["spearman_r"], result["spearman_p"] = float(r.statistic), float(r.pvalue)
-    if failed.any() and (~failed).any():
-        # every candidate cut at once (a loop over cuts was quadratic in the scans): counts at or below each
-        cuts = np.unique(conf)
-        flagged_n = np.searchsorted(np.sort(conf), cuts, side="right")
-        failed_n = np.searchsorted(np.sort(conf[failed]), cuts, side="right")
-        j = failed_n / failed.sum() - (flagged_n - failed_n) / (~failed).sum()
-        best = int(np.argmax(j))  # the first (lowest) cut of the highest J
-        best_t = float(cuts[best])
-        result.update(threshold=best_t, youden_j=float(j[best]), youden_threshold=best_t, max_flagged=max_flagged)
-        share = flagged_n / len(conf)
-        if max_flagged is not None and share[best] > max_flagged:
-            within = cuts[share <= max_flagged]
-            result["threshold"] = float(within[-1]) if len(within) else None
-    result.update(review_figures(conf, failed, missed,
-                                 None if result["threshold"] is None else conf <= result["threshold"]))
-    return result
 
 
 def fit_review(rows: list[dict], failed: np.ndarray, dice: np.ndarray, missed: np.ndarray, n_folds: int,
@@ -306,78 +259,3 @@ def _evaluate_folds(cfg: RunConfig, out: Path, split: list[dict], progress: bool
     atomic_write_text(out / "cv_summary.json", json.dumps(json_safe(cv_summary), indent=2))
     write_cv_report(out, cfg.data.root)
     return {"summary": cv_summary, "rows": final}
-
-
-def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Path:
-    """RUN/report.html of a finished cross-validation, from what `run_cv` wrote (cv_summary.json,
-    oof/per_image.csv, oof/summary.json, oof/masks/) and the scans of `data_root` (default: the folds'
-    training data). Reads only: no prediction, no decision made again, nothing else rewritten."""
-    out = Path(out)
-    for needed in ("cv_summary.json", "oof/summary.json", "oof/per_image.csv"):
-        if not (out / needed).is_file():
-            raise FileNotFoundError(f"{out / needed}: missing; run `hemaseg cv` to finish this cross-validation")
-    cv_summary = json.loads((out / "cv_summary.json").read_text())
-    summary = json.loads((out / "oof" / "summary.json").read_text())
-    trained = RunConfig.load(out / "fold_0" / "config.json").data
-    data_root = data_root or trained.root
-    samples = {s.name: s for s in find_samples(data_root, strict=False, labels=trained.labels)}
-    rows = []
-    with open(out / "oof" / "per_image.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            row = {k: _parse_cell(v) if k != "name" else v for k, v in row.items()}
-            mask_png = out / "oof" / "masks" / f"{row['name']}.png"
-            if row["name"] in samples and mask_png.is_file():  # the scan and its outline, for the case pictures
-                image, ref = load_sample(samples[row["name"]])
-                row.update(image=np.round(image * 255).astype(np.uint8), ref=ref, pred=read_mask(mask_png))
-            rows.append(row)
-    review, plan, n = cv_summary["confidence"], cv_summary["postprocessing"], cv_summary["n_folds"]
-    return write_report(
-        out / "report.html", f"Cross-validation: {n} folds on {data_root}", rows,
-        {**summary, **{k: v for k, v in cv_summary.items() if not isinstance(v, (dict, list))}},
-        run_dir=out / "fold_0",
-        notes=[f"Out-of-fold predictions of {n} fold models ({cv_summary['inference']} inference, postprocessing "
-               f"{plan}); training curves are fold 0's. Cases with confidence <= {review['threshold']} are "
-               f"flagged for review: {_share(review.get('flagged_share'))} of all scans and "
-               f"{_share(review.get('missed_flagged_share'))} of the {review.get('n_missed')} scans whose lesion was "
-               f"missed; AUROC of confidence against failure {_num(review.get('auroc'))} "
-               f"({review.get('method', 'rule')}; the margin rule alone: AUROC "
-               f"{_num(review.get('rule', {}).get('auroc'))}, missed lesions flagged "
-               f"{_share(review.get('rule', {}).get('missed_flagged_share'))}; the earlier, entropy-only "
-               f"confidence: {_num(review.get('entropy_confidence', {}).get('auroc'))}, missed lesions flagged "
-               f"{_share(review.get('entropy_confidence', {}).get('missed_flagged_share'))}). Spearman r of confidence vs "
-               f"Dice: {_num(review.get('spearman_r'))}."])
-
-
-def _share(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.0f} %"
-
-
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
-
-
-def _parse_cell(v: str):
-    if v in ("True", "False"):
-        return v == "True"
-    try:
-        return float(v) if v != "" else float("nan")
-    except ValueError:
-        return v
-
-
-VARIANT_KEYS = ("dice_mean", "dice_mean_lesion", "hd95_px_mean", "hd95_px_median", "lesion_sensitivity",
-                "lesion_fp_per_image", "n_false_positive_images", "n_true_negative_images")
-
-
-def variant_summary(rows: list[dict], n_folds: int) -> dict:
-    """The headline figures of one inference variant (plain / TTA, with or without postprocessing)."""
-    s = summarize(rows)
-    out = {k: s.get(k) for k in VARIANT_KEYS}
-    out["fold_dice"] = [_mean_dice([r for r in rows if r["fold"] == k]) for k in range(n_folds)]
-    return out
-
-
-def _mean_dice(rows: list[dict]) -> float:
-    d = np.array([r["dice"] for r in rows], np.float64)
-    return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
-

@@ -8,7 +8,7 @@ with the review threshold chosen leave-one-fold-out (Youden's J on the other fol
 held-out one), the share of scans flagged, of failures flagged and of missed-lesion scans flagged. Rules:
 the confidence hemaseg uses now (entropy with a margin for empty predictions), the entropy-only one it
 used before, and a small logistic quality head on (confidence, entropy confidence, max probability,
-log predicted area, anything predicted) fitted leave-one-fold-out (the session-5 head, Youden's cut), and
+log predicted area, anything predicted) fitted leave-one-fold-out (the earlier head, Youden's cut), and
 hemaseg's head now: a missed lesion weighted MISS_WEIGHT in the fit, the cut capped at REVIEW_MAX_FLAGGED. Writes benchmarks/results/review_rules_<run name>.json.
 """
 

@@ -138,7 +138,7 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> tuple[d
         runners[f"{name} network"] = no_grad(make_backend(model, name, DEVICE))
         predictor = Predictor(model, config, device=DEVICE, backend=name)
         runners[f"{name} predict path"] = lambda p=predictor: p.predict_proba_batch(scans, batch_size=batch)
-    # the `default` preset's network (the pretrained Lite0 UNet since session 4), also through auto
+    # the `default` preset's network (the pretrained Lite0 UNet), also through auto
     from hemaseg.config import resolve_config
     from hemaseg.models import build_model
     from hemaseg.models.fusion import randomize_batchnorm
@@ -151,7 +151,7 @@ def inference_runners(size: int, batch: int, only: str | None = None) -> tuple[d
                      "preset_model": pre_cfg.model.arch, "preset_backend": pre.backend}
 
 
-# ONNX Runtime's worker threads spin for a while after a run: on 2 cores a session that just ran stole
+# ONNX Runtime's worker threads spin for a while after a run: on 2 cores an ORT session that just ran stole
 # them from the next variant (the ORT predict path measured 19 ms after the ORT network, 13 ms alone).
 # A pause at each switch lets them sleep, so every variant starts on idle cores, as it would in use.
 SETTLE_S = 0.02

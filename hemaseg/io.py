@@ -51,8 +51,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], fsy
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write(): say which file (a full disk)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     return path
 
@@ -65,14 +67,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+# What makes a spreadsheet read a cell as a formula (or, for tab and CR, hide a formula after them)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FLAG = re.compile(r"^--[a-z][a-z-]*$")  # a flag name hemaseg writes as a source ("--pixel-spacing"): no call
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as `write_csv` writes it: numbers (int, float, numpy) and None as they are, text beginning
+    with = + - @ tab or CR behind a ' so that a spreadsheet shows it instead of running it as a formula
+    (a file name or a table cell such as =HYPERLINK(...) comes from whoever named the file)."""
+    if value is None or isinstance(value, (bool, int, float, np.number)):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) and not _FLAG.match(text) else text
+
+
+def plain_cell(text: str) -> str:
+    """The text `csv_cell` was given, from what it wrote (for hemaseg's readers of its own tables)."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
+
+
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str]) -> Path:
-    """A CSV of `rows` (dicts; missing keys empty, None empty) with exactly `columns`, written atomically."""
+    """A CSV of `rows` (dicts; missing keys empty, None empty) with exactly `columns`, written atomically;
+    text cells that a spreadsheet would run as a formula are neutralised (`csv_cell`). Every CSV hemaseg
+    writes goes through here."""
     import csv
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return atomic_write_text(path, buf.getvalue())
 
 

@@ -11,6 +11,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# real scans span ~0.02 mm/px (zoomed high-frequency probe) to ~1 (deep view); beyond these, a unit slip
+MIN_MM_PER_PIXEL = 0.005
+MAX_MM_PER_PIXEL = 5.0
+
+
+def spacing_problem(x_mm, y_mm) -> str | None:
+    """Why (x_mm, y_mm) mm per pixel cannot be a scan's calibration, or None when it can: each must be a
+    finite number within [MIN_MM_PER_PIXEL, MAX_MM_PER_PIXEL]."""
+    for axis, v in (("x", x_mm), ("y", y_mm)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            return f"pixel spacing along {axis} must be a finite number of mm > 0; got {v!r}"
+        if not MIN_MM_PER_PIXEL <= v <= MAX_MM_PER_PIXEL:
+            return (f"pixel spacing along {axis} of {v:g} mm is outside the plausible range for ultrasound "
+                    f"({MIN_MM_PER_PIXEL:g} to {MAX_MM_PER_PIXEL:g} mm per pixel)")
+    return None
+
 
 @dataclass(frozen=True)
 class Spacing:
@@ -21,9 +37,9 @@ class Spacing:
     source: str  # e.g. "ultrasound region 0 (0018,6011)", "pixel spacing (0028,0030)", "--pixel-spacing"
 
     def __post_init__(self):
-        for axis, v in (("x", self.x_mm), ("y", self.y_mm)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"pixel spacing along {axis} must be a finite number of mm > 0; got {v!r}")
+        problem = spacing_problem(self.x_mm, self.y_mm)
+        if problem is not None:
+            raise ValueError(problem)
 
     @property
     def pixel_area_mm2(self) -> float:

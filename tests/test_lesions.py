@@ -77,7 +77,7 @@ def test_two_squares_touching_at_a_corner_are_one_lesion_on_every_path(tmp_path)
     from hemaseg.inference.files import predict_files
     from hemaseg.inference.postprocess import keep_largest, remove_small
     from hemaseg.inference.predictor import Predictor
-    from hemaseg.serve import create_app
+    from hemaseg.serve import Settings, create_app
 
     mask = _diagonal(16, 16)
     assert count_lesions(mask) == 1 and find_lesions(mask)[0] == 1
@@ -88,7 +88,7 @@ def test_two_squares_touching_at_a_corner_are_one_lesion_on_every_path(tmp_path)
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "scan.png")
     result = predict_files(predictor, [tmp_path / "scan.png"], tmp_path / "out", progress=False)
     assert result.rows[0]["n_lesions"] == 1  # predict / predictions.csv
-    with TestClient(create_app(predictor)) as client:
+    with TestClient(create_app(predictor, Settings(allowed_hosts=("testserver",)))) as client:
         body = client.post("/v1/segment", files={"file": ("s.png", (tmp_path / "scan.png").read_bytes(),
                                                            "image/png")}).json()
     assert body["n_lesions"] == len(body["lesions"]) == 1 and body["lesions"][0]["area_px"] == 8  # serve

@@ -222,10 +222,11 @@ def test_serve_measures_dicom_uploads_in_mm_and_pngs_with_a_spacing_parameter(ti
     from fastapi.testclient import TestClient
 
     from hemaseg.inference.predictor import load_model
-    from hemaseg.serve import create_app
+    from hemaseg.serve import Settings, create_app
 
     mask = disc_mask()
-    with TestClient(create_app(load_model(tiny_run, device="cpu"))) as client:
+    app = create_app(load_model(tiny_run, device="cpu"), Settings(allowed_hosts=("testserver",)))
+    with TestClient(app) as client:
         def post(data: bytes, **params):
             return client.post("/v1/segment", params=params, files={"file": ("x", data, "application/dicom")})
 
@@ -268,7 +269,7 @@ def test_no_dicom_identifier_reaches_any_output_or_log(tiny_run, tmp_path, caplo
     from fastapi.testclient import TestClient
 
     from hemaseg.inference.predictor import load_model
-    from hemaseg.serve import create_app
+    from hemaseg.serve import Settings, create_app
 
     mask = disc_mask()
     ds = seeded_dicom(mask)
@@ -280,7 +281,8 @@ def test_no_dicom_identifier_reaches_any_output_or_log(tiny_run, tmp_path, caplo
         main(["-q", "predict", str(tiny_run), str(tmp_path / "scans"), "--out", str(tmp_path / "pred")])
         main(["-q", "measure", "--masks", str(tmp_path / "masks"), str(tmp_path / "scans"), "--out",
               str(tmp_path / "meas")])
-        with TestClient(create_app(load_model(tiny_run, device="cpu"))) as client:
+        app = create_app(load_model(tiny_run, device="cpu"), Settings(allowed_hosts=("testserver",)))
+        with TestClient(app) as client:
             for data in (path.read_bytes(), broken.read_bytes()):
                 texts.append(client.post("/v1/segment", files={"file": ("x.dcm", data)}).text)
     outputs = [p for folder in ("pred", "meas") for p in (tmp_path / folder).rglob("*") if p.is_file()]

@@ -18,7 +18,8 @@ OPERATIONS = ["POST /v1/segment", "GET /v1/model", "GET /healthz", "GET /readyz"
 
 @pytest.fixture(scope="module")
 def fuzz_schema(tiny_run):
-    app = create_app(load_model(tiny_run, device="cpu"), Settings(max_upload_bytes=256 * 1024))
+    app = create_app(load_model(tiny_run, device="cpu"), Settings(max_upload_bytes=256 * 1024,
+                                                                    allowed_hosts=("testserver",)))
     app.state.service.warm_up()  # the lifespan does not run here; /readyz must say ready, not 503
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 

@@ -11,6 +11,7 @@ import numpy as np
 from hemaseg.config import RunConfig
 from hemaseg.data.dataset import find_samples, load_sample, read_mask
 from hemaseg.evaluation.evaluate import summarize, write_report
+from hemaseg.io import plain_cell
 
 def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Path:
     """RUN/report.html of a finished cross-validation, from what `run_cv` wrote (cv_summary.json,
@@ -28,7 +29,7 @@ def write_cv_report(out: str | Path, data_root: str | Path | None = None) -> Pat
     rows = []
     with open(out / "oof" / "per_image.csv", newline="") as f:
         for row in csv.DictReader(f):
-            row = {k: _parse_cell(v) if k != "name" else v for k, v in row.items()}
+            row = {k: _parse_cell(v) if k != "name" else plain_cell(v) for k, v in row.items()}
             mask_png = out / "oof" / "masks" / f"{row['name']}.png"
             if row["name"] in samples and mask_png.is_file():  # the scan and its outline, for the case pictures
                 image, ref = load_sample(samples[row["name"]])

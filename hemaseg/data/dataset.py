@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from hemaseg.io import atomic_write_text, save_png
+from hemaseg.io import atomic_write_bytes, atomic_write_text, plain_cell, save_png, write_csv
 from hemaseg.config import DatasetStats
 from hemaseg.data.listing import (  # noqa: F401 - re-exported
     MASK_DIR_NAMES,
@@ -534,6 +534,7 @@ class _Fingerprint:
 
     def __init__(self):
         self.h = hashlib.sha256()
+        self.files: dict[str, str] = {}  # "folder/name" -> its bytes' short sha256: which file changed
 
     def add_sample(self, name: str) -> None:
         self.h.update(f"sample\0{name}\0".encode())
@@ -541,6 +542,7 @@ class _Fingerprint:
     def add_file(self, path: Path, data: bytes) -> None:
         self.h.update(f"file\0{path.parent.name}/{path.name}\0".encode())
         self.h.update(data)
+        self.files[f"{path.parent.name}/{path.name}"] = hashlib.sha256(data).hexdigest()[:16]
 
     def add_annotation(self, ann: Annotation) -> None:
         """What is read from the annotation file, besides its bytes: which entry, which labels are lesion."""
@@ -594,6 +596,7 @@ class LoadedDataset:
     shapes: dict[str, tuple[int, int]]  # name -> (H, W) of the scan
     fingerprint: str
     stats: DatasetStats
+    files: dict[str, str] = field(default_factory=dict)  # "folder/name" -> short sha256 of its bytes
 
 
 def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
@@ -643,7 +646,7 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
     stats = DatasetStats(n_pairs=len(samples), median_longer_side=longer[len(longer) // 2] if longer else 0,
                          lesion_fraction_mean=float(np.mean(fractions)) if fractions else math.nan,
                          n_empty_masks=sum(f == 0.0 for f in fractions))
-    return LoadedDataset(Path(root), samples, shapes, fp.hexdigest(), stats)
+    return LoadedDataset(Path(root), samples, shapes, fp.hexdigest(), stats, fp.files)
 
 
 # --------------------------------------------------------------------------------------------- groups
@@ -680,7 +683,7 @@ def _read_groups(path: Path, group_columns: Sequence[str]) -> dict[str, str] | N
             continue
         if len(row) <= max(name_col, group_col):
             raise DataError(path, f"line {line}: expected at least {max(name_col, group_col) + 1} columns")
-        name, group = _name_key(row[name_col]), row[group_col].strip()
+        name, group = _name_key(plain_cell(row[name_col])), plain_cell(row[group_col].strip())
         if not group:
             continue  # no group: the image is its own group
         if groups.get(name, group) != group:
@@ -739,7 +742,7 @@ def write_mixture(out: str | os.PathLike, roots: Sequence[str | os.PathLike], ov
                 if f.is_symlink() or f.is_file():
                     f.unlink()
         (out / sub).mkdir(parents=True, exist_ok=True)
-    rows = ["name,group,source"]
+    rows = []
     for root, tag in zip(roots, tags):
         root = Path(root).resolve()
         groups = find_groups(root) or {}
@@ -751,13 +754,13 @@ def write_mixture(out: str | os.PathLike, roots: Sequence[str | os.PathLike], ov
             for i, m in enumerate(s.mask_paths, start=1):
                 stem = name if len(s.mask_paths) == 1 else f"{name}_mask_{i}"
                 (out / "mask" / f"{stem}{m.suffix.lower()}").symlink_to(m.resolve())
-            rows.append(f"{name},{tag}:{groups.get(s.name, s.name)},{tag}")
+            rows.append({"name": name, "group": f"{tag}:{groups.get(s.name, s.name)}", "source": tag})
         for licence in LICENCE_FILES:
             if (root / licence).is_file():
                 (out / "licenses" / tag).mkdir(exist_ok=True)
-                (out / "licenses" / tag / licence).write_bytes((root / licence).read_bytes())
-    atomic_write_text(out / "manifest.csv", "\n".join(rows) + "\n")
-    logger.info("mixture of %s: %d scans in %s", ", ".join(tags), len(rows) - 1, out)
+                atomic_write_bytes(out / "licenses" / tag / licence, (root / licence).read_bytes())
+    write_csv(out / "manifest.csv", rows, ("name", "group", "source"))
+    logger.info("mixture of %s: %d scans in %s", ", ".join(tags), len(rows), out)
     return out
 
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hemaseg.data.pixels import MAX_PIXELS_DEFAULT, MAX_PIXELS_FLAG, DataError, is_dicom, to_gray
-from hemaseg.spacing import Spacing
+from hemaseg.extras import require
+from hemaseg.spacing import Spacing, spacing_problem
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,13 @@ class UltrasoundRegion:
         return self.units_x == CM and self.units_y == CM
 
     @property
+    def delta_problem(self) -> str | None:
+        """Why the deltas (cm, as mm) cannot calibrate, or None: finite, > 0 and plausible (`spacing`)."""
+        return spacing_problem(self.delta_x * 10, self.delta_y * 10)
+
+    @property
     def deltas_ok(self) -> bool:
-        return all(math.isfinite(d * 10) and d > 0 for d in (self.delta_x, self.delta_y))  # mm finite too
+        return self.delta_problem is None
 
     def same_calibration(self, other: UltrasoundRegion) -> bool:
         return (math.isclose(self.delta_x, other.delta_x, rel_tol=1e-6)
@@ -149,6 +155,7 @@ class DicomScan:
     pixel_spacing: Spacing | None  # from Pixel Spacing (0028,0030) only, never Imager Pixel Spacing
     burned_in_annotation: bool  # True unless (0028,0301) says exactly "NO": unknown counts as yes
     patient_id: str | None = field(repr=False)  # only for a caller's salted-hash key; never logged
+    pixel_spacing_problem: str | None = None  # why a Pixel Spacing the file has cannot be used
 
     @property
     def gray(self) -> np.ndarray:
@@ -162,12 +169,12 @@ class DicomScan:
 
     def spacing_for(self, bbox: tuple[int, int, int, int] | None) -> tuple[Spacing | None, str | None]:
         """The calibration for a lesion whose bounding box is `bbox` (x, y, w, h pixels): see `calibrate`."""
-        return calibrate(self.regions, self.pixel_spacing, bbox, self.shape)
+        return calibrate(self.regions, self.pixel_spacing, bbox, self.shape, self.pixel_spacing_problem)
 
 
 def calibrate(regions: Sequence[UltrasoundRegion], pixel_spacing: Spacing | None,
-              bbox: tuple[int, int, int, int] | None,
-              shape: tuple[int, int]) -> tuple[Spacing | None, str | None]:
+              bbox: tuple[int, int, int, int] | None, shape: tuple[int, int],
+              pixel_spacing_problem: str | None = None) -> tuple[Spacing | None, str | None]:
     """Millimetres per pixel for a lesion: ``(Spacing, None)``, or ``(None, reason)`` when its figures
     must stay in pixels. `bbox` is the lesion's (x, y, w, h) in pixels, `shape` the image's (H, W).
 
@@ -194,6 +201,9 @@ def calibrate(regions: Sequence[UltrasoundRegion], pixel_spacing: Spacing | None
     if not regions:
         if pixel_spacing is not None:
             return pixel_spacing, None
+        if pixel_spacing_problem is not None:  # the file's own figure is wrong: no typed one replaces it
+            return None, (f"the file's Pixel Spacing {_PIXEL_SPACING_TAG} cannot be used ({pixel_spacing_problem}), "
+                          "and a typed spacing does not replace the file's own")
         return None, (f"the file has no calibration: no Sequence of Ultrasound Regions {_REGIONS_TAG} and no "
                       f"Pixel Spacing {_PIXEL_SPACING_TAG}")
     # Say why Pixel Spacing was passed over, so nobody thinks it was missed.
@@ -245,7 +255,7 @@ def calibrate(regions: Sequence[UltrasoundRegion], pixel_spacing: Spacing | None
                           f"{r.units_y} = {_UNIT_NAMES.get(r.units_y, 'unknown')}; 3 = cm)" + tail)
         if not r.deltas_ok:
             return None, (f"{r.describe()} has an unusable PhysicalDeltaX/Y ({r.delta_x:g}, {r.delta_y:g} "
-                          "cm): both must be finite and > 0" + tail)
+                          f"cm): {r.delta_problem}" + tail)
     for r in used:
         if not r.same_calibration(chosen):
             return None, (f"{what} spans regions of different calibration: ultrasound region {chosen.index} "
@@ -315,7 +325,7 @@ def quiet(packages: tuple[str, ...] = ("pydicom",)) -> Iterator[None]:
 
 
 def _parse(source: str | os.PathLike | bytes, where: str | os.PathLike):
-    import pydicom
+    pydicom = require("pydicom", "reading DICOM scans")
     from pydicom.errors import InvalidDicomError
 
     if isinstance(source, bytes):
@@ -392,6 +402,7 @@ def _scan(ds, where: str | os.PathLike, frame: int | None, max_pixels: int | Non
     frames = _decode(ds, decoder, ts, where, frame, photometric, bits_stored, signed, (rows, cols))
     log.debug("%s: DICOM %s, %s, %d of %d frame(s) %dx%d", where, ts.name, photometric, len(frames),
               n_frames, cols, rows)
+    pixel_spacing, spacing_problem_ = _pixel_spacing(ds, where)
     return DicomScan(
         frames=frames,
         n_frames=n_frames,
@@ -399,9 +410,10 @@ def _scan(ds, where: str | os.PathLike, frame: int | None, max_pixels: int | Non
         photometric=photometric,
         transfer_syntax=ts.name,
         regions=_regions(ds, where),
-        pixel_spacing=_pixel_spacing(ds, where),
+        pixel_spacing=pixel_spacing,
         burned_in_annotation=element_value(ds, "BurnedInAnnotation") != "NO",
         patient_id=_patient_id(ds),
+        pixel_spacing_problem=spacing_problem_,
     )
 
 
@@ -584,18 +596,22 @@ def _regions(ds, where) -> tuple[UltrasoundRegion, ...]:
     return tuple(out)
 
 
-def _pixel_spacing(ds, where) -> Spacing | None:
-    """Pixel Spacing (0028,0030) is [row spacing, column spacing] = [y, x] in mm."""
+def _pixel_spacing(ds, where) -> tuple[Spacing | None, str | None]:
+    """(Spacing, None) from Pixel Spacing (0028,0030), [row spacing, column spacing] = [y, x] in mm;
+    (None, None) when the file has none; (None, why) when it has one that cannot be used."""
     value = element_value(ds, "PixelSpacing")
     if value is None or value == "":
-        return None
+        return None, None
     try:
         y_mm, x_mm = (float(v) for v in value)
-        return Spacing(x_mm=x_mm, y_mm=y_mm, source=f"pixel spacing {_PIXEL_SPACING_TAG}")
     except (TypeError, ValueError):
-        log.warning("%s: ignoring Pixel Spacing %s: not two finite numbers of mm > 0", where,
-                    _PIXEL_SPACING_TAG)
-        return None
+        problem = "not two numbers of mm"
+    else:
+        problem = spacing_problem(x_mm, y_mm)
+    if problem is None:
+        return Spacing(x_mm=x_mm, y_mm=y_mm, source=f"pixel spacing {_PIXEL_SPACING_TAG}"), None
+    log.warning("%s: ignoring Pixel Spacing %s: %s", where, _PIXEL_SPACING_TAG, problem)
+    return None, problem
 
 
 def _patient_id(ds) -> str | None:

@@ -73,6 +73,7 @@ import numpy as np
 from hemaseg.data.listing import MASK_DIR_NAMES, SUSPECT, list_images, natural_key
 from hemaseg.data.images import IMAGE_SUFFIXES, MAX_PIXELS_DEFAULT, DataError, open_image
 from hemaseg.data.pixels import read_file
+from hemaseg.extras import MissingExtra, require
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ LESION_LABEL = "lesion"  # the label hemaseg writes for its one class
 LABELME_TOLERANCE_PX = 1.0  # default Douglas-Peucker tolerance of the LabelMe outlines hemaseg writes
 LABELME_VERSION = "5.4.1"  # written into LabelMe files; LabelMe warns only when the major version differs
 _OUTSIDE_SLACK = 0.5  # px beyond the image edge before a shape counts as outside (no pixel centre is there)
+_FAR_PX = 1e7  # a coordinate beyond this many px is no outline of any scan (and 1e300 overflows the fill)
 _EPS = 1e-9  # slack of the centre-on-outline test: outlines through pixel centres stay exact in floating point
 _AREA_SHAPES = ("polygon", "rectangle", "circle", "ellipse", "rle", "bitmap")
 _OTHER_FORMAT = "other_format"  # DataError.code of valid JSON that is not the format asked (detection skips it)
@@ -269,7 +271,11 @@ def _cached(kind: str, path: Path, data: bytes | None, parse) -> object:
             return _CACHE[key]
         if data is None:
             data = read_file(path)
-        value = parse(data)
+        try:
+            value = parse(data)
+        except RecursionError:  # JSON nested thousands deep: no annotation file looks like that
+            raise DataError(path, "nested too deeply to be an annotation file (thousands of brackets within "
+                                  "brackets): the file is damaged or not an annotation", "corrupt") from None
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = value
@@ -458,15 +464,29 @@ def _labelme_declared(folder: Path) -> list[str] | None:
     return [n for n in lines if n and n not in ("__ignore__", "_background_")]
 
 
-def _labelme_image(doc: dict, path: Path) -> Path | None:
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, resolved (links followed, .. applied), lies in `folder` (resolved too)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def _outside_problem(ann: Path, what: str, folder: Path) -> DataError:
+    return DataError(ann, f"{what} names a file outside the dataset folder {folder}: an annotation may only name "
+                          "images inside it", "invalid")
+
+
+def _labelme_image(doc: dict, path: Path, root: Path) -> Path | None:
     """The image a LabelMe file annotates: imagePath relative to the JSON's folder, else (a file written on
-    another computer, imagePath C:\\scans\\12.png) that file name beside the JSON or in images/ there."""
+    another computer, imagePath C:\\scans\\12.png) that file name beside the JSON or in images/ there;
+    only files inside the dataset folder `root` (an annotation must not open any file it names)."""
     image_path = doc.get("imagePath")
     if not isinstance(image_path, str) or not image_path:
         return None
     name = re.split(r"[\\/]", image_path)[-1]
     for candidate in (path.parent / image_path, path.parent / name, path.parent / "images" / name):
-        if candidate.is_file():
+        if _inside(candidate, root) and candidate.is_file():
             return candidate
     return None
 
@@ -488,7 +508,10 @@ def _find_labelme(d: Detected, labels: Sequence[str] | None) -> Found:
                 found.problems.append(e)
             continue
         found.n_annotations += 1
-        image = _labelme_image(doc.raw, path)
+        image = _labelme_image(doc.raw, path, d.root)
+        if image is None and not _inside(path.parent / str(doc.raw.get("imagePath")), d.root):
+            found.problems.append(_outside_problem(path, f"imagePath {doc.raw.get('imagePath')!r}", d.root))
+            continue
         if image is None:
             found.problems.append(DataError(path, f"image {doc.raw.get('imagePath')!r} (imagePath, relative to this "
                                                   "file) does not exist", "missing"))
@@ -527,9 +550,10 @@ def _image_dirs(file: Path, coco: bool) -> list[Path]:
 
 
 def _locate(name: str, dirs: Sequence[Path]) -> Path | None:
+    """The first `dir / name` that is a file inside the dataset folder (the last of `dirs`)."""
     for d in dirs:
         p = d / name
-        if p.is_file():
+        if _inside(p, dirs[-1]) and p.is_file():
             return p
     return None
 
@@ -551,6 +575,9 @@ def _find_shared(d: Detected, labels: Sequence[str] | None, fmt: str) -> Found:
     found.n_images = len(doc.entries)
     for key, entry in doc.entries.items():
         image = _locate(entry.image, dirs)
+        if image is None and not all(_inside(folder / entry.image, dirs[-1]) for folder in dirs):
+            found.problems.append(_outside_problem(d.file, f"image {entry.image}{entry.label}", dirs[-1]))
+            continue
         if image is None:
             where = ", ".join(str(p) for p in dirs)
             found.problems.append(DataError(d.file, f"image {entry.image}{entry.label}: the image file does not "
@@ -908,7 +935,7 @@ def _outside(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, int]) -> bool:
 
 
 def _rle_decode(rle: dict, shape: tuple[int, int]) -> np.ndarray:
-    from pycocotools import mask as coco_mask  # only COCO RLE needs it
+    coco_mask = require("pycocotools.mask", "reading COCO RLE masks")  # only COCO RLE needs it
 
     counts = rle.get("counts")
     size = rle.get("size")
@@ -923,8 +950,7 @@ def _rle_decode(rle: dict, shape: tuple[int, int]) -> np.ndarray:
 
 def coco_rle(mask: np.ndarray) -> dict:
     """Bool HxW -> COCO compressed RLE {"size": [h, w], "counts": str} (column-major, as COCO defines it)."""
-    from pycocotools import mask as coco_mask
-
+    coco_mask = require("pycocotools.mask", "writing COCO RLE masks")
     rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
@@ -1010,6 +1036,12 @@ def _shape_mask(s: _Shape, path: Path, shape: tuple[int, int], problems: list[Da
         return _cvat_mask(s, path, shape, problems)
     if s.kind == "bitmap":
         return _labelme_bitmap(s, path, shape, problems, max_pixels)
+    if s.kind in ("polygon", "rectangle", "circle", "ellipse"):
+        far = float(np.abs(np.asarray(s.data, dtype=np.float64)).max(initial=0.0))
+        if far > _FAR_PX:
+            problems.append(DataError(path, f"{s.where}: a coordinate or radius of {far:g} px, beyond {_FAR_PX:,.0f}: "
+                                            "not an outline of this image"))
+            return None
     if s.kind == "ellipse":
         cx, cy, rx, ry = s.data
         r = max(rx, ry)
@@ -1060,8 +1092,8 @@ def _coco_rle_mask(s: _Shape, path: Path, shape: tuple[int, int], problems: list
         return None
     try:
         return _rle_decode(s.data, shape)
-    except ImportError:
-        problems.append(DataError(path, f"{s.where}: COCO RLE needs pycocotools (pip install pycocotools)"))
+    except MissingExtra as e:
+        problems.append(DataError(path, f"{s.where}: {e}"))
     except Exception as e:  # noqa: BLE001 - pycocotools raises bare exceptions for malformed counts
         problems.append(DataError(path, f"{s.where}: RLE counts cannot be decoded ({e})"))
     return None

@@ -17,17 +17,22 @@ size compiles again), which a `hemaseg predict` run over a folder only earns bac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from hemaseg import __version__
 from hemaseg.config import BACKENDS
-from hemaseg.device import bf16_supported
+from hemaseg.device import bf16_supported, describe_cpu
+from hemaseg.io import atomic_write_bytes, atomic_write_text
 from hemaseg.models.fusion import fuse_conv_bn
 
 log = logging.getLogger(__name__)
@@ -127,3 +132,59 @@ def choose_backend(model: nn.Module, device: torch.device, size: int, candidates
     best = min(record["ms"], key=record["ms"].get)
     log.debug("backend auto: %s (%s)", best, record["ms"])
     return best, passed[best], record
+
+
+def _choice_key(model: nn.Module, device: torch.device, size: int, candidates: list[str]) -> str:
+    """What decides `auto`'s choice: the weights (their bytes), the machine (CPU model, GPU name), the
+    libraries that run them, the input size and the candidates."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    facts = [h.hexdigest(), str(device), gpu, describe_cpu()["model"], torch.__version__, ort_version, __version__,
+             np.__version__, size, candidates, PARITY_ATOL, AUTO_ROUNDS]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:24]
+
+
+def choose_backend_cached(model: nn.Module, device: torch.device, size: int, cache_dir: str | Path | None,
+                          candidates: list[str] | None = None) -> tuple[str, Backend, dict]:
+    """`choose_backend`, remembered in `cache_dir`/backends/ per weights, machine and library versions (with
+    the exported ONNX model when ONNX Runtime won), so loading the same model again neither exports nor
+    times anything. The record says `cached: true` then. Without `cache_dir`, or when the cache cannot be
+    read or written, it measures as `choose_backend` does."""
+    candidates = candidates or auto_candidates(device)
+    if cache_dir is None:
+        return choose_backend(model, device, size, candidates)
+    folder = Path(cache_dir) / "backends"
+    key = _choice_key(model, device, size, candidates)
+    try:
+        record = json.loads((folder / f"{key}.json").read_text())
+        name = record["chosen"]
+        if name == "onnxruntime":
+            from hemaseg.inference.onnx import OnnxRuntimeBackend
+
+            backend = OnnxRuntimeBackend((folder / f"{key}.onnx").read_bytes())
+        else:
+            backend = make_backend(model, name, device)
+        return name, backend, {**record, "cached": True}
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - a damaged or stale cache entry is measured again
+        log.debug("backend cache %s: %s; measuring again", key, e)
+    name, backend, record = choose_backend(model, device, size, candidates)
+    try:
+        onnx = getattr(backend, "model_bytes", None)
+        if name == "onnxruntime" and onnx is not None:
+            atomic_write_bytes(folder / f"{key}.onnx", onnx, fsync=False)
+        if name != "onnxruntime" or onnx is not None:  # the record last: its presence means complete
+            atomic_write_text(folder / f"{key}.json", json.dumps({**record, "chosen": name}))
+    except OSError as e:  # a read-only or full cache folder costs speed, not the load
+        log.debug("backend cache %s not written: %s", folder, e)
+    return name, backend, record

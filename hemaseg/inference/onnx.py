@@ -45,6 +45,15 @@ def onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET, metadata: dict[str,
     return proto.SerializeToString()
 
 
+def telemetry_off(ort) -> None:
+    """Turn ONNX Runtime's telemetry events off (where its build has them: on Windows they go to the
+    system's event log, a store of what ran on which data): hemaseg handles patient scans and reports
+    nothing to anyone."""
+    disable = getattr(ort, "disable_telemetry_events", None)
+    if disable is not None:
+        disable()
+
+
 class OnnxRuntimeBackend:
     """An ONNX model (bytes or a file path) run by ONNX Runtime with `threads` intra-op threads."""
 
@@ -53,6 +62,7 @@ class OnnxRuntimeBackend:
     def __init__(self, onnx_model: bytes | str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
 
+        telemetry_off(ort)  # before the first session: it is the session that logs the events
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_threads()
         options.inter_op_num_threads = 1  # the graph is a chain: parallelism is inside each op
@@ -62,6 +72,7 @@ class OnnxRuntimeBackend:
         # spinning ORT itself lost ~10 % at batch 1, and the rest of the predict path keeps its cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = onnx_model if isinstance(onnx_model, bytes) else os.fspath(onnx_model)
+        self.model_bytes = onnx_model if isinstance(onnx_model, bytes) else None  # what `auto` caches
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 

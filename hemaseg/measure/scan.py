@@ -4,8 +4,9 @@ This is where predict, measure and serve agree on which millimetres to trust:
 
 1. A DICOM file's own calibration (`dicom.calibrate`: the ultrasound region holding every lesion, else
    Pixel Spacing) wins. When the file has calibration data that cannot be used (a region outside the
-   image, lesions across regions of different scale, a bad delta), the figures stay in pixels and the
-   reason is reported: a spacing typed by the user does not override a file that contradicts it.
+   image, lesions across regions of different scale, a delta or Pixel Spacing that is not a number in
+   `spacing`'s plausible range), the figures stay in pixels and the reason is reported: a spacing typed
+   by the user does not override a file that contradicts it.
 2. Otherwise (PNG/JPEG, or DICOM without any calibration) the user's `--pixel-spacing`, if given.
 3. Otherwise pixels, and the output says so.
 
@@ -85,7 +86,7 @@ def choose_spacing(decoded: Decoded, mask: np.ndarray,
                    pixel_spacing: Spacing | None = None) -> tuple[Spacing | None, str | None]:
     """(spacing, None) or (None, why the figures stay in pixels), by the rules in the module docstring."""
     scan = decoded.dicom
-    if scan is not None and (scan.regions or scan.pixel_spacing is not None):
+    if scan is not None and (scan.regions or scan.pixel_spacing is not None or scan.pixel_spacing_problem):
         spacing, reason = scan.spacing_for(lesions_bbox(mask))
         return spacing, reason
     if pixel_spacing is not None:

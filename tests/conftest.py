@@ -1,7 +1,13 @@
 """Tiny synthetic datasets and a tiny trained run, shared by the tests (CPU, seconds)."""
 
 import os
+import shutil
+import socket
+import subprocess
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +60,56 @@ def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> No
     (root / "mask").mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(root / "images" / f"{name}.png")
     Image.fromarray(mask).save(root / "mask" / f"{name}.png")
+
+
+# --- a real browser and a real server, for the page tests -------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run"]
+
+
+def _chromium_available() -> bool:
+    if CHROMIUM.exists():
+        return True
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, env=env,
+                       capture_output=True, timeout=900)
+    return CHROMIUM.exists()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not _chromium_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing and could not be installed; scripts/test.sh should install it")
+        pytest.skip(f"{CHROMIUM} is missing and cannot be installed here")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+@contextmanager
+def running_server(app):
+    """`app` served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    uvicorn = pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)

@@ -4,12 +4,6 @@ Skips only when chromium is absent and cannot be installed; under CI (env CI set
 scripts/test.sh installs it. Saves a screenshot to tests/artifacts/serve_page.png.
 """
 
-import os
-import shutil
-import socket
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -17,57 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent / "artifacts"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run"]
-
-
-def _chromium_available() -> bool:
-    if CHROMIUM.exists():
-        return True
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, env=env,
-                       capture_output=True, timeout=900)
-    return CHROMIUM.exists()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not _chromium_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing and could not be installed; scripts/test.sh should install it")
-        pytest.skip(f"{CHROMIUM} is missing and cannot be installed here")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-        yield b
-        b.close()
-
+from tests.conftest import ARTIFACTS, running_server
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    uvicorn = pytest.importorskip("uvicorn")
     from hemaseg.inference.predictor import load_model
     from hemaseg.serve import Settings, create_app
 
     app = create_app(load_model(tiny_run, device="cpu"), Settings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-        thread.join(0.05)
-    assert srv.started, "uvicorn did not start"
-    assert app.state.service.ready.wait(60)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(app) as url:
+        assert app.state.service.ready.wait(60)
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +70,12 @@ def test_page_segments_a_scan_by_keyboard_and_shows_the_api_numbers(browser, ser
     assert "% of image" in page.inner_text("#area-pct")
     assert page.get_attribute("#download-mask", "href").startswith("data:image/png;base64,")
     assert page.get_attribute("#download-overlay", "aria-disabled") == "false"
+    # the finding and, when flagged, why: the API's own words
+    reply = httpx.post(f"{server}/v1/segment", files={"file": ("scan.png", scan_file.read_bytes(), "image/png")},
+                       timeout=60).json()
+    assert page.inner_text("#confidence").startswith(reply["finding"])
+    assert page.inner_text("#review-reason") == (f"Needs review: {reply['review_reason']}" if reply["needs_review"]
+                                                 else "")
 
     # lower the threshold with the arrow key: the page asks again and shows the API's new number
     first_id = page.get_attribute("#result", "data-request-id")

@@ -111,10 +111,12 @@ from hemaseg.config import resolve_config
 from hemaseg.training.train import fit
 
 small, big, out, cap_mb, settings = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
-fit(resolve_config(small, "seed", None, "cpu", settings), out / "warm", progress=False)
+fit(resolve_config(small, "seed", None, "cpu", settings), out / "warm", progress=False, review=False)
 vm_data = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData:"))
 resource.setrlimit(resource.RLIMIT_DATA, (vm_data + cap_mb * 2**20, resource.RLIM_INFINITY))
-summary = fit(resolve_config(big, "seed", None, "cpu", settings), out / "big", progress=False)
+# the training alone (review=False): the review decision fitted afterwards scores the validation scans at
+# their full size, outside what this cap measures
+summary = fit(resolve_config(big, "seed", None, "cpu", settings), out / "big", progress=False, review=False)
 print(json.dumps(summary))
 '''
 

@@ -146,6 +146,22 @@ def test_sr_reports_each_lesion_outline_and_mm_figures(tmp_path):
     assert "pixel spacing: x 0.1 mm, y 0.2 mm per pixel, from ultrasound region 0 (0018,6011)" in params
 
 
+def test_sr_carries_the_models_finding_as_qualitative_evaluations(tmp_path):
+    from hemaseg.inference.review import decide
+
+    src = source(tmp_path)
+    for mask, confidence in ((two_lesions(), 0.9), (np.zeros((H, W), bool), 0.97)):
+        finding = decide(confidence, bool(mask.any()), None, None)  # no fitted cut: an empty scan is flagged
+        out = write_sr(src, mask, measure_scan(decode_image(src), mask), tmp_path / "sr.dcm", model="ultrasound",
+                       finding=finding)
+        _, _, (scan,) = read_sr(out)
+        evaluations = {e.name.meaning: e.value.meaning for e in scan.get_qualitative_evaluations()}
+        assert evaluations == {"Lesion found": "Yes" if mask.any() else "No",
+                               "Needs review": "Yes" if finding.needs_review else "No"}
+        assert f"review: {finding.why}" in parameters(scan)
+    assert finding.needs_review and not finding.found
+
+
 def test_multi_frame_source_gets_an_sr_on_its_frame_but_no_seg(tmp_path):
     src = source(tmp_path, frames=3)
     mask = two_lesions()

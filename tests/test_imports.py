@@ -62,7 +62,7 @@ def test_the_graph_sees_imports_inside_functions():
 # The stages, bottom up: a module may import its own stage and those below it, never one above, not even
 # inside a function. hemaseg/__init__.py (the lazy Python API), cli.py and demo.py sit on top.
 LAYERS = (
-    ("io", "device", "config", "lesions", "spacing", "render", "distributed"),  # the base
+    ("io", "device", "config", "extras", "lesions", "spacing", "render", "distributed", "web"),  # the base
     ("data",), ("models",), ("measure",), ("inference",), ("evaluation",), ("training",), ("crossval",),
     ("label",), ("serve",), ("cli", "demo", "__main__"),
 )

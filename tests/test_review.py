@@ -80,7 +80,7 @@ def test_a_cv_runs_predictor_reports_the_heads_confidence(tiny_run, tmp_path):
     (run / "confidence.json").write_text(json.dumps({"threshold": 0.5, "head": head.to_dict()}))
     predictor = load_model(run, device="cpu")
     pred = predictor.prediction(blob(0.95))
-    assert pred.confidence == pytest.approx(1 / (1 + np.exp(2.0))) and predictor.needs_review(pred.confidence)
+    assert pred.confidence == pytest.approx(1 / (1 + np.exp(2.0))) and pred.needs_review
     assert predictor.prediction(blob(0.1)).confidence == pytest.approx(1 / (1 + np.exp(-1.0)))
 
 
@@ -105,3 +105,78 @@ def test_weighting_misses_ranks_them_below_other_failures():
 
     assert misses_in_lowest(weighted) > misses_in_lowest(plain)
     assert ReviewHead.fit(x, ok, weights=np.ones(n)).weights == pytest.approx(plain.weights)
+
+
+def test_without_a_fitted_decision_no_lesion_is_never_trusted(tiny_run, tmp_path):
+    """The rule of last resort: a confident-looking empty map (max p 0.01, margin confidence ~1) from a
+    model with no fitted review decision is flagged; a clear lesion is not."""
+    import shutil
+
+    from hemaseg.inference.predictor import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "confidence.json").unlink(missing_ok=True)
+    predictor = load_model(run, device="cpu", backend="torch")
+    empty = predictor.prediction(blob(0.01))
+    assert empty.confidence > 0.9 and empty.finding.needs_review and not empty.finding.found
+    assert empty.finding.text == "no lesion found - review" and "never trusted" in empty.finding.why
+    sure = predictor.prediction(np.where(blob(1.0) >= 0.5, 0.99, 0.01).astype(np.float32))  # crisp edges
+    assert sure.finding.found and not sure.needs_review and sure.finding.text == "lesion found"
+
+
+def test_a_train_run_fits_its_review_decision_on_its_validation_split(tmp_path):
+    from hemaseg.data.synth import SynthConfig, write_synthetic_dataset
+    from hemaseg.inference.predictor import load_model
+    from hemaseg.training.train import fit
+    from tests.conftest import tiny_config
+
+    # half the scans empty and 8 quick epochs: some validation answers acceptable, some failures (measured: 15
+    # of 24), so both outcomes are there to fit on
+    data = write_synthetic_dataset(tmp_path / "data", 48, size=48, seed=5, progress=False,
+                                   config=SynthConfig(p_empty=0.5))
+    summary = fit(tiny_config(data, epochs=8, val_fraction=0.5, lr=1e-2), tmp_path / "run", progress=False)
+    stored = json.loads((tmp_path / "run" / "confidence.json").read_text())
+    assert summary["n_val"] >= 20 and stored["head"]["features"] == list(REVIEW_FEATURES)
+    assert stored["threshold"] is not None and "validation split" in stored["fitted_on"]
+    predictor = load_model(tmp_path / "run", device="cpu", backend="torch")
+    assert predictor.review_head == ReviewHead.from_dict(stored["head"])
+    assert predictor.review_threshold == stored["threshold"]
+    finding = predictor.prediction(blob(0.01)).finding
+    assert "the cut fitted on the validation split" in finding.why
+
+
+def test_a_tiny_validation_split_leaves_the_rule_of_last_resort_and_says_why(tiny_run):
+    stored = json.loads((tiny_run / "confidence.json").read_text())
+    assert stored["threshold"] is None and "too few" in stored["method"]
+
+
+def test_the_python_finding_is_the_one_predict_writes(tiny_run, tiny_data, tmp_path):
+    import csv
+
+    from hemaseg.data.images import read_image
+    from hemaseg.inference.files import predict_files
+    from hemaseg.inference.predictor import load_model
+
+    predictor = load_model(tiny_run, device="cpu", backend="torch")
+    scans = sorted((tiny_data / "images").iterdir())[:4]
+    predict_files(predictor, scans, tmp_path / "out", progress=False)
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    for scan in scans:
+        finding = predictor.predict(read_image(scan)).finding
+        row = rows[str(scan.absolute())]
+        assert (row["finding"], row["needs_review"], row["review_reason"]) == \
+            (finding.text, str(finding.needs_review), finding.why)
+        assert float(row["confidence"]) == pytest.approx(finding.confidence, abs=1e-4)
+
+
+def test_the_shipped_model_carries_a_fitted_review_decision_that_flags_an_empty_map():
+    from hemaseg.inference.predictor import load_model
+
+    predictor = load_model("ultrasound", device="cpu", backend="torch")
+    assert predictor.review_head is not None and predictor.review_threshold is not None
+    assert "never trained on" in predictor.review_fitted_on
+    empty = predictor.prediction(np.zeros((64, 80), np.float32))
+    assert not empty.finding.found and empty.needs_review and empty.finding.text == "no lesion found - review"
+    assert "the cut fitted on" in empty.finding.why

@@ -64,8 +64,12 @@ def scan(scan_path) -> bytes:
     return scan_path.read_bytes()
 
 
+TEST_HOSTS = ("testserver",)
+
+
 def make_client(predictor, **settings) -> TestClient:
-    client = TestClient(create_app(predictor, Settings(**settings)))
+    # TestClient sends Host: testserver, which the service serves only when told to (DNS rebinding)
+    client = TestClient(create_app(predictor, Settings(**{"allowed_hosts": TEST_HOSTS, **settings})))
     client.__enter__()  # runs the lifespan: warm-up starts
     assert client.app.state.service.ready.wait(60)
     return client
@@ -84,7 +88,7 @@ def client(predictor):
 def test_health_and_readiness(client, predictor):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
-    cold = TestClient(create_app(predictor))  # lifespan not run: no warm-up yet
+    cold = TestClient(create_app(predictor, Settings(allowed_hosts=TEST_HOSTS)))  # no lifespan run: no warm-up yet
     assert cold.get("/readyz").status_code == 503
     assert cold.get("/healthz").status_code == 200
 
@@ -440,7 +444,7 @@ def test_serve_command_wires_flags_and_the_key_from_the_environment(tiny_run, sc
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("HEMASEG_API_KEY", "from-env")
     assert main(["-q", "serve", str(tiny_run), "--port", "8123", "--max-upload-mb", "0.001", "--device", "cpu",
-                 "--threshold", "0.3"]) == 0
+                 "--threshold", "0.3", "--allowed-hosts", "testserver"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
     with TestClient(seen["app"]) as c:
         assert_error(c.get("/v1/model"), 401, "unauthorized")

@@ -157,19 +157,18 @@ def test_track_writes_the_table_curves_and_a_self_contained_page(tracked):
 def test_patients_are_named_by_a_salted_key_and_the_raw_id_is_in_no_output(series, tracked, tmp_path):
     result, out = tracked
     key = result.visits[0]["patient_key"]
-    salt = (out / SALT_FILE).read_text().strip()
+    salt = (series.parent / SALT_FILE).read_text().strip()  # kept beside the table, not in the output
+    assert result.salt_file == series.parent / SALT_FILE and not list(out.rglob("*salt*"))
     assert key != RAW_ID and key == patient_key(RAW_ID, salt) and key.startswith("p") and len(key) == 13
     files = _all_output_bytes(out)
     assert files and not [p for p, b in files.items() if RAW_ID.encode() in b]
     assert not [p for p in files if RAW_ID in str(p)]
 
-    again = track(series, out)  # the stored salt is reused: the same keys on a rerun
-    assert again.visits[0]["patient_key"] == key and (out / SALT_FILE).read_text().strip() == salt
+    again = track(series, tmp_path / "another")  # the same key in another output folder, and on a rerun
+    assert again.visits[0]["patient_key"] == key and track(series, out).visits[0]["patient_key"] == key
     other = track(series, tmp_path / "salted", salt="clinic secret")
     assert other.visits[0]["patient_key"] == patient_key(RAW_ID, "clinic secret") != key
-    assert not (tmp_path / "salted" / SALT_FILE).exists()  # a caller's salt is the caller's to keep
-    with pytest.raises(ValueError, match="different salt"):
-        track(series, out, salt="not the stored one")
+    assert (series.parent / SALT_FILE).read_text().strip() == salt  # a caller's salt is the caller's to keep
 
     raw = track(series, tmp_path / "raw", raw_patient_id=True)
     assert raw.visits[0]["patient_key"] == RAW_ID and raw.pages[0].name == f"{RAW_ID}.html"
@@ -371,3 +370,67 @@ def test_each_patient_gets_a_page_and_a_patient_dropped_from_the_table_loses_it(
     again = track(_write_table(tmp_path / "one.csv", rows, series.parent), tmp_path / "out", salt="s")
     assert len(again.pages) == 1 and not dropped.exists()
     assert len(list((tmp_path / "out" / "curves").iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------ review
+
+
+def _doubting_model(series: Path, rows: list[dict], missed: str, doubted: str):
+    """A stand-in model: each scan's reference mask, except that it misses the lesion on every scan of
+    the visit dated `missed` and its outline of the visit dated `doubted` is flagged; its findings are
+    decided by hemaseg's rule of last resort (`inference.review.decide` with no fitted cut)."""
+    from hemaseg.inference.review import decide
+
+    class Model:
+        def predict(self, gray):
+            row = next(r for r in rows if np.array_equal(decode_image(series.parent / r["image"]).gray, gray))
+            mask = read_mask(series.parent / row["mask"])
+            if row["date"] == missed:
+                mask = np.zeros_like(mask)
+            confidence = 0.2 if row["date"] == doubted else 0.95
+            return SimpleNamespace(mask=mask, finding=decide(confidence, bool(mask.any()), None, None))
+
+    return Model()
+
+
+def test_a_missed_visit_is_shown_and_flagged_and_a_status_on_a_doubted_outline_is_provisional(series, tmp_path):
+    rows = [dict(r, mask="") for r in _table(series)]
+    dates = sorted({r["date"] for r in rows})
+    missed, doubted = dates[2], dates[4]
+    table = _write_table(tmp_path / "t.csv", rows, series.parent)
+    result = track(table, tmp_path / "out", predictor=_doubting_model(series, _table(series), missed, doubted))
+    visits = {str(v["date"]): v for v in result.visits}
+    assert len(visits) == len(dates)  # the missed visit is not dropped
+    assert visits[missed]["needs_review"] and visits[missed]["provisional"]
+    assert visits[missed]["status"] == "no lesion in the mask" and "review" in visits[missed]["status_reason"]
+    assert visits[doubted]["provisional"] and visits[dates[5]]["provisional"]  # the next one compares with it
+    assert not visits[dates[1]]["provisional"] and not visits[dates[1]]["needs_review"]
+    scans = [s for s in result.scans if str(s["date"]) == missed]
+    assert scans and all(s["finding"] == "no lesion found - review" and s["needs_review"] for s in scans)
+    page = result.pages[0].read_text()
+    # each empty scan has its thumbnail, captioned and marked
+    assert page.count('no lesion found — review<br><span class="tag review">') == len(scans)
+    assert "provisional" in page and "⚠ review" in page and "confidence 0.20" in page
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert result.index == tmp_path / "out" / "index.html" and result.pages[0].name in index
+
+
+def test_the_track_page_in_chromium_shows_the_empty_visit_and_the_provisional_status(series, tmp_path, browser):
+    rows = [dict(r, mask="") for r in _table(series)]
+    dates = sorted({r["date"] for r in rows})
+    table = _write_table(tmp_path / "t.csv", rows, series.parent)
+    result = track(table, tmp_path / "out", predictor=_doubting_model(series, _table(series), dates[2], dates[4]))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(result.pages[0].as_uri())
+    flagged = page.locator("figure.flagged")
+    assert flagged.count() == sum(r["date"] in (dates[2], dates[4]) for r in rows)
+    empty = page.locator("figure", has_text="no lesion found — review")
+    assert empty.count() == sum(r["date"] == dates[2] for r in rows)
+    assert all(img.evaluate("i => i.complete && i.naturalWidth > 0") for img in empty.locator("img").all())
+    assert page.locator("td.status", has_text="provisional").count() >= 2
+    # the visits table fits the screen or scrolls inside its own box, its first column fixed
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    assert page.locator("table.visits td:first-child").first.evaluate("e => getComputedStyle(e).position") == "sticky"
+    page.goto((tmp_path / "out" / "index.html").as_uri())
+    assert page.locator("td.status", has_text="provisional").count() >= 0 and page.locator("a").count() == 1
+    page.close()

@@ -99,7 +99,7 @@ def _train_fold(cfg: RunConfig, fold_dir: Path, split: dict, resume: bool, progr
     # a fold folder belongs to the cross-validation: one left by a fold killed before its first
     # checkpoint is started over. Each fold trains in this process alone, under torchrun too.
     fit(cfg, fold_dir, resume=resume, progress=progress, split=None if resume else split, overwrite=not resume,
-        dataset=dataset, world=distributed.SINGLE)
+        dataset=dataset, world=distributed.SINGLE, review=False)
 
 
 def pending_folds(out: Path, split: list[dict]) -> list[tuple[int, Path, dict, bool]]:

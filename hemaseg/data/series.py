@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from hemaseg.data.synth import SynthConfig, synth_scan
+from hemaseg.extras import require
 from hemaseg.io import atomic_write_bytes, save_png, write_csv
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _dicom_bytes(pixels: np.ndarray, spacing: tuple[float, float], patient_id: s
     """A Part-10 ultrasound file: 8-bit MONOCHROME2 pixels, one 2-D ultrasound region over the whole image
     calibrated in cm at `spacing` (x, y mm), BurnedInAnnotation NO, `patient_id` as Patient ID, and seeded
     study / series / instance UIDs (a visit is one study), so `--dicom-sr` / `--dicom-seg` can reference it."""
-    import pydicom
+    pydicom = require("pydicom", "a synthetic DICOM series")
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from hemaseg.data.dataset import find_samples, load_sample, load_split
 from hemaseg.data.images import MAX_PIXELS_DEFAULT, DataError
-from hemaseg.io import atomic_write_text, json_safe
+from hemaseg.io import atomic_write_text, json_safe, write_csv
 from hemaseg.evaluation.metrics import per_image_metrics, summarize_metrics
 from hemaseg.inference.postprocess import confidence, entropy_confidence
 from hemaseg.inference.predictor import Predictor
@@ -67,7 +67,7 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
     summary = {**summarize(rows), "n_failed": len(errors)}
     if rows:
         for r in rows:
-            r["needs_review"] = predictor.needs_review(r["confidence"])
+            r["needs_review"] = predictor.decide(r["confidence"], r["pred_area_px"] > 0).needs_review
         failed, missed = failures(rows)
         summary["review"] = {"threshold": predictor.review_threshold, **review_figures(
             np.array([r["confidence"] for r in rows]), failed, missed, np.array([r["needs_review"] for r in rows]))}
@@ -107,19 +107,13 @@ def write_evaluation(out_dir: str | Path, rows: list[dict], summary: dict, error
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plain = [{k: v for k, v in r.items() if not isinstance(v, np.ndarray)} for r in rows]
-    buf = io.StringIO()
     if plain:
-        writer = csv.DictWriter(buf, fieldnames=list(plain[0]))
-        writer.writeheader()
-        writer.writerows(plain)
-    atomic_write_text(out / "per_image.csv", buf.getvalue())
+        write_csv(out / "per_image.csv", plain, list(plain[0]))
+    else:
+        atomic_write_text(out / "per_image.csv", "")
     atomic_write_text(out / "summary.json", json.dumps(json_safe(summary), indent=2))
     if errors:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["image", "code", "problem"])
-        writer.writeheader()
-        writer.writerows(errors)
-        atomic_write_text(out / "errors.csv", buf.getvalue())
+        write_csv(out / "errors.csv", errors, ["image", "code", "problem"])
     elif (out / "errors.csv").is_file():
         (out / "errors.csv").unlink()
 

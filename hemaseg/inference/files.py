@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,15 +34,16 @@ from hemaseg.render import overlay_contours
 from hemaseg.data.listing import collect_inputs, read_frames
 from hemaseg.inference import manifest
 from hemaseg.inference.predictor import Predictor
-from hemaseg.io import atomic_write_bytes, png_bytes
+from hemaseg.io import atomic_write_bytes, png_bytes, remove_stale_temps
 from hemaseg.spacing import Spacing
 from hemaseg.measure.tables import PredictResult, write_tables
 from hemaseg.measure.scan import IMAGE_COLUMNS, measure_scan
 
 log = logging.getLogger(__name__)
 
+TABLES_EVERY_S = 30.0  # the tables follow a job at most this far behind (and after its first batch)
 PREDICTION_COLUMNS = ("image", "width", "height", "lesion_area_px", "lesion_fraction", "n_lesions", "max_prob",
-                      "confidence", "needs_review", "finding", "frame") + tuple(c for c in IMAGE_COLUMNS
+                      "confidence", "needs_review", "finding", "review_reason", "frame") + tuple(c for c in IMAGE_COLUMNS
                                                                               if c != "n_lesions")
 
 
@@ -127,6 +129,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
             done: set[str] = set()
             if dist.is_main:
                 out.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(out)  # the halves of writes an earlier job was killed in
                 done = manifest.start(out, manifest.predictor_settings(predictor, options), order,
                                       skip_existing).done(out)
         done = dist.broadcast(done)
@@ -137,10 +140,22 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
         part = manifest.PartWriter(out, dist.rank)
         result = PredictResult(out_dir=out)
         finished = False
+        listed: set[str] = set()  # inputs the tables on disk list
+        last_tables = None
+
+        def follow() -> None:
+            """After a batch, in a single process: rewrite the tables when they are TABLES_EVERY_S behind, so
+            that a job stopped by a full disk keeps tables listing all but its last few scans."""
+            nonlocal last_tables
+            if dist.active or (last_tables is not None and time.monotonic() - last_tables < TABLES_EVERY_S):
+                return
+            listed.update(_merge(out, order, PredictResult(out_dir=out), remove_parts=False))
+            last_tables = time.monotonic()
+
         try:
             with dist.agreed("predicting"):
                 _predict_shard(predictor, mine, out, part, result, options, batch_size, progress and dist.is_main,
-                               fail_fast)
+                               fail_fast, follow)
             finished = True
         finally:
             part.close()
@@ -151,15 +166,35 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
             # what was done is recorded even when the run stops early (an OS error, Ctrl-C, --fail-fast); the
             # parts of other processes are merged only once they have all finished
             if dist.is_main:
-                _merge(out, order, result, remove_parts=finished or not dist.active)
+                try:
+                    _merge(out, order, result, remove_parts=finished or not dist.active)
+                except OSError:  # the disk is still full: the tables stay as last written ...
+                    if dist.active:
+                        raise
+                    _drop_unlisted(out, {p for _, p in todo}, listed)  # ... and list what is kept
+                    if finished:
+                        raise
+                    # else the error that stopped the job goes on, naming the output it could not write
         dist.barrier()  # every process returns once the tables are written
     result.skipped = len(files) - len(todo)
     return result
 
 
-def _merge(out: Path, order: list[str], result: PredictResult, remove_parts: bool) -> None:
+def _drop_unlisted(out: Path, mine: set[Path], listed: set[str]) -> None:
+    """Remove the outputs of this job's inputs (`mine`) that the tables on disk do not list (`listed`), so
+    that predictions.csv lists exactly the scans whose outputs are there; the manifest still calls them
+    done, but with their files gone --skip-existing predicts them again."""
+    mine = {str(p) for p in mine}
+    state = manifest.Manifest.read(out)
+    for name, entry in state.entries.items():
+        if name in mine and name not in listed and entry["status"] == "done":
+            for p in entry["outputs"]:
+                (out / p).unlink(missing_ok=True)  # `out / absolute` is the absolute path (LabelMe files)
+
+
+def _merge(out: Path, order: list[str], result: PredictResult, remove_parts: bool) -> set[str]:
     """Rank 0: the parts into manifest.jsonl, and the tables from it (every input done by any process of
-    this job or, with --skip-existing, of the jobs before it)."""
+    this job or, with --skip-existing, of the jobs before it). Returns the inputs the tables list."""
     state = manifest.Manifest.read(out)
     entries = manifest.write_merged(out, state, order)
     if remove_parts:
@@ -169,12 +204,14 @@ def _merge(out: Path, order: list[str], result: PredictResult, remove_parts: boo
     result.lesions = [row for e in entries if e["status"] == "done" for row in e["lesions"]]
     result.errors = [e["error"] for e in entries if e["status"] == "failed"]
     write_tables(result, "predictions.csv", PREDICTION_COLUMNS)
+    return {e["input"] for e in entries if e["status"] == "done"}
 
 
 def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Path, part: manifest.PartWriter,
                    result: PredictResult, options: OutputOptions, batch_size: int, progress: bool,
-                   fail_fast: bool) -> None:
-    """This process's inputs, each recorded in `part` once its outputs are written (or it failed)."""
+                   fail_fast: bool, after_batch=lambda: None) -> None:
+    """This process's inputs, each recorded in `part` once its outputs are written (or it failed);
+    `after_batch()` is called after each batch."""
     from tqdm import tqdm
 
     o = options
@@ -194,7 +231,8 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                     error = {"image": str(path), "code": e.code, "problem": e.problem}
                     result.errors.append(error)
                     part.add({"input": str(path), "order": i, "status": "failed", "error": error})
-            probs = predictor.predict_proba_batch([d.gray for *_, d in chunk], batch_size)
+            probs = predictor.predict_proba_batch([d.gray for *_, d in chunk], batch_size,
+                                                  names=[name for _, _, name, *_ in chunk])
             entries: dict[Path, dict] = {}  # one per input, its frames' rows together
             frames_left = Counter(path for _, path, *_ in chunk)
             for (i, path, name, index, decoded), prob in zip(chunk, probs):
@@ -209,7 +247,7 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                     from hemaseg.measure.dicom_out import dicom_outputs
 
                     files_, skipped = dicom_outputs(path, pred.mask, measured, index, out / name, sr=o.dicom_sr,
-                                                    seg=o.dicom_seg, model=o.model_name)
+                                                    seg=o.dicom_seg, model=o.model_name, finding=pred.finding)
                     outputs.update(files_)
                     for why in set(skipped) - noted:  # once per file, not once per frame of a cine
                         noted.add(why)
@@ -234,8 +272,7 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                 row = {
                     "image": str(path), "frame": index, "width": image.shape[1], "height": image.shape[0],
                     "lesion_area_px": pred.area_px, "lesion_fraction": round(pred.area_px / image.size, 6),
-                    "max_prob": round(float(prob.max()), 4), "confidence": round(pred.confidence, 4),
-                    "needs_review": predictor.needs_review(pred.confidence), "finding": predictor.finding(pred),
+                    "max_prob": round(float(prob.max()), 4), **pred.finding.row(),
                     **measured.image_row(),
                 }
                 lesions = measured.lesion_rows(str(path), index)
@@ -250,5 +287,6 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                 if not frames_left[path]:  # the input's last frame: it is done
                     part.add(entries.pop(path))
             bar.update(len(items[start:start + batch_size]))
+            after_batch()
     finally:
         bar.close()

@@ -67,9 +67,7 @@ def predictor_settings(predictor, options) -> dict:
     given = dataclasses.asdict(options)
     threshold = given.pop("threshold")
     given.pop("model_name")
-    return {"weights": weights_fingerprint(predictor.models),
-            "threshold": predictor.threshold if threshold is None else threshold, "tta": predictor.tta,
-            "postprocess": dataclasses.asdict(predictor.plan), "size": predictor.config.data.size,
+    return {**predictor.identity(), "threshold": predictor.threshold if threshold is None else threshold,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}}
 
 

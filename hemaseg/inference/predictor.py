@@ -8,31 +8,31 @@ threshold is resolved once, in `Predictor.threshold` (the run's `inference.thres
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hemaseg.config import RunConfig
+from hemaseg.data.cache import default_cache_dir
 from hemaseg.data.images import to_gray
 from hemaseg.data.transforms import Letterbox, preprocess, unletterbox
 from hemaseg.device import select_device
-from hemaseg.inference.backends import Backend, choose_backend, make_backend
-from hemaseg.inference.postprocess import PostprocessPlan, apply_plan, confidence
-from hemaseg.inference.review import ReviewHead
-from hemaseg.lesions import count_lesions
+from hemaseg.inference.backends import Backend, choose_backend_cached, make_backend
+from hemaseg.inference.manifest import weights_fingerprint
+from hemaseg.inference.prediction import Prediction
+from hemaseg.inference.postprocess import PostprocessPlan, apply_plan
+from hemaseg.inference.review import Finding, ReviewHead, decide
 from hemaseg.models.checkpoint import load_weights, resolve_checkpoint
-from hemaseg.models.pretrained import resolve_model
+from hemaseg.models.pretrained import PROMPTABLE, resolve_model
 
 log = logging.getLogger(__name__)
 
 Flips = Sequence[tuple[int, ...]]
-REVIEW_FALLBACK = 0.5  # needs-review cut for runs without an out-of-fold threshold (confidence.json)
 
 
 @torch.no_grad()
@@ -51,32 +51,6 @@ def predict_boxed(runners: Sequence[Backend], inputs: np.ndarray, boxes: Sequenc
             total += p.flip(dims) if dims else p
     probs = (total / (len(runners) * len(views)))[:, 0]  # (N, S, S)
     return [unletterbox(p, box) for p, box in zip(probs, boxes)]
-
-
-@dataclass
-class Prediction:
-    """One image's result on its original pixel grid."""
-
-    prob: np.ndarray  # float32 HxW in [0, 1]
-    mask: np.ndarray  # bool HxW, after the threshold and the run's postprocessing
-    threshold: float = 0.5
-    review_head: ReviewHead | None = None  # a CV run's learned confidence (inference.review)
-
-    @property
-    def area_px(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def n_lesions(self) -> int:
-        return count_lesions(self.mask)
-
-    @cached_property  # predict, serve and finding() each ask; the head computes several maps' statistics
-    def confidence(self) -> float:
-        """0..1: a CV run's review head (the estimated probability that this answer is acceptable),
-        else the margin rule (`postprocess.confidence`)."""
-        if self.review_head is not None:
-            return self.review_head.score(self.prob, self.mask, self.threshold)
-        return confidence(self.prob, self.threshold)
 
 
 # A fold's best.pt was picked on its validation scans, which in a cross-validation are the held-out
@@ -110,7 +84,9 @@ class Predictor:
         self.config = config
         self.metadata = dict(metadata or {})
         if backend == "auto":  # measured on the first member; an ensemble's members share one architecture
-            name, first, record = choose_backend(self.models[0], self.device, config.data.size)
+            # remembered per weights, machine and libraries in the user's cache folder: a second load is quick
+            name, first, record = choose_backend_cached(self.models[0], self.device, config.data.size,
+                                                        default_cache_dir())
             self.runners = [first] + [make_backend(m, name, self.device) for m in self.models[1:]]
             self.metadata["backend_auto"] = record
         else:
@@ -123,7 +99,8 @@ class Predictor:
         self.tta = tta
         self.plan = plan or PostprocessPlan()
         self.review_threshold: float | None = None  # confidence at or below which a case needs review
-        self.review_head: ReviewHead | None = None  # learned out of fold by `hemaseg cv` (confidence.json)
+        self.review_head: ReviewHead | None = None  # learned on held-out scans (confidence.json)
+        self.review_fitted_on: str | None = None  # which held-out scans the cut was chosen on, in words
 
     @property
     def model(self) -> torch.nn.Module:
@@ -150,12 +127,18 @@ class Predictor:
         if postprocess and (run_dir / "postprocessing.json").is_file():
             plan = PostprocessPlan.load(run_dir / "postprocessing.json")
         predictor = cls([m for m, _, _ in loaded], config, device, threshold, meta, tta, plan, backend)
-        if (run_dir / "confidence.json").is_file():
-            review = json.loads((run_dir / "confidence.json").read_text())
-            predictor.review_threshold = review.get("threshold")
-            if review.get("head"):
-                predictor.review_head = ReviewHead.from_dict(review["head"])
+        predictor.load_review(_confidence_file(path, paths))
         return predictor
+
+    def load_review(self, path: Path | None) -> None:
+        """The review decision of confidence.json (`hemaseg cv`, `hemaseg train`, or the packaged model's
+        NAME.confidence.json); none: the rule of last resort (`inference.review.decide`)."""
+        if path is None:
+            return
+        review = json.loads(path.read_text())
+        self.review_threshold = review.get("threshold")
+        self.review_head = ReviewHead.from_dict(review["head"]) if review.get("head") else None
+        self.review_fitted_on = review.get("fitted_on", "out-of-fold scans of a cross-validation")
 
     @property
     def tta_flips(self) -> list[tuple[int, ...]]:
@@ -168,10 +151,17 @@ class Predictor:
     def size(self) -> int:
         return self.config.data.size
 
+    def identity(self) -> dict:
+        """What decides this predictor's outputs besides the threshold (a bulk job's manifest records it,
+        and --skip-existing refuses to resume with another)."""
+        return {"weights": weights_fingerprint(self.models), "tta": self.tta,
+                "postprocess": dataclasses.asdict(self.plan), "size": self.config.data.size}
+
     def predict_proba_batch(self, images: Sequence[np.ndarray], batch_size: int = 8,
-                            tta: bool | None = None) -> list[np.ndarray]:
+                            tta: bool | None = None, names: Sequence[str] | None = None) -> list[np.ndarray]:
         """Probability maps (float32, each image's original HxW) for a list of images of any sizes and
-        dtypes (`data.images.to_gray`). `tta` None means the predictor's setting."""
+        dtypes (`data.images.to_gray`). `tta` None means the predictor's setting. `names` (the scans'
+        output names) matter only to predictors that prompt each scan (`promptable.BoxedScans`)."""
         flips = self.tta_flips if (self.tta if tta is None else tta) else ()
         out = []
         for start in range(0, len(images), batch_size):
@@ -189,29 +179,37 @@ class Predictor:
 
     def prediction(self, prob: np.ndarray, threshold: float | None = None) -> Prediction:
         thr = self.threshold if threshold is None else threshold
-        return Prediction(prob, self.to_mask(prob, thr), thr, self.review_head)
+        return Prediction(prob, self.to_mask(prob, thr), thr, self.review_head,
+                          (self.review_threshold, self.review_fitted_on))
 
-    def needs_review(self, conf: float) -> bool:
-        """Flag a case whose confidence is at or below the run's review threshold, chosen out of fold by
-        `hemaseg cv` (confidence.json); a run without one flags confidence below REVIEW_FALLBACK."""
-        if self.review_threshold is None:
-            return conf < REVIEW_FALLBACK
-        return conf <= self.review_threshold
-
-    def finding(self, pred: Prediction) -> str:
-        """The words predict, serve and the page show: never '100 % confident' for an empty mask whose
-        evidence is weak."""
-        found = "lesion found" if pred.area_px else "no lesion found"
-        return f"{found} - review" if self.needs_review(pred.confidence) else found
+    def decide(self, confidence_: float, found: bool) -> Finding:
+        """The finding for a scan scored elsewhere (evaluate's rows): this model's review decision."""
+        return decide(confidence_, found, self.review_threshold, self.review_fitted_on)
 
     def predict(self, image: np.ndarray, threshold: float | None = None, tta: bool | None = None) -> Prediction:
         """One image (HxW or HxWxC, any dtype) -> Prediction(prob, mask) at its original size."""
         return self.prediction(self.predict_proba_batch([image], tta=tta)[0], threshold)
 
 
+def _confidence_file(path: Path, checkpoints: Sequence[Path]) -> Path | None:
+    """A run's (or CV run's) confidence.json, else NAME.confidence.json beside a checkpoint file."""
+    run_dir = path if path.is_dir() else path.parent
+    candidates = [run_dir / "confidence.json"] if path.is_dir() or len(checkpoints) > 1 else \
+        [path.with_suffix(".confidence.json"), run_dir / "confidence.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_model(path: str | Path, device: str = "auto", threshold: float | None = None, tta: bool = False,
-               postprocess: bool = True, backend: str = "auto") -> Predictor:
-    """The Python API's entry point: `hemaseg.load_model("runs/x").predict(image)`. `backend` is one of
-    `config.BACKENDS`; `auto` measures which exact backend is fastest here when the model loads."""
+               postprocess: bool = True, backend: str = "auto"):
+    """The Python API's entry point: `hemaseg.load_model("runs/x").predict(image)` (a `Predictor`), or
+    `hemaseg.load_model("litemedsam").predict(image, box=(x0, y0, x1, y1))` (a box-prompted
+    `promptable.BoxPredictor`). `backend` is one of `config.BACKENDS`; `auto` measures which exact backend
+    is fastest here when the model loads."""
+    if str(path) in PROMPTABLE and not Path(path).exists():
+        from hemaseg.inference.promptable import BoxPredictor
+
+        if tta or threshold is not None:
+            raise ValueError(f"{path}: a box-prompted model takes no --tta, and its threshold goes to predict()")
+        return BoxPredictor(device=device, backend=backend)
     return Predictor.from_checkpoint(path, device=device, threshold=threshold, tta=tta, postprocess=postprocess,
                                      backend=backend)

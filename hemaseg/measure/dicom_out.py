@@ -62,6 +62,7 @@ from hemaseg import __version__
 from hemaseg.data.dicom import element_value, frame_count, quiet
 from hemaseg.data.images import DataError, is_dicom
 from hemaseg.data.pixels import read_file
+from hemaseg.extras import require
 from hemaseg.io import atomic_write_bytes
 from hemaseg.lesions import find_lesions
 from hemaseg.measure.morphometry import NO_IMAGE, NO_SKIN_LINE, ImageMeasurement
@@ -87,10 +88,11 @@ _REQUIRED = {"SOPClassUID": "SOP Class UID (0008,0016)", "SOPInstanceUID": "SOP 
 
 def write_sr(source: str | os.PathLike | bytes, mask: np.ndarray, measurement: ScanMeasurement | ImageMeasurement,
              out_path: str | os.PathLike, frame: int | None = None, *, model: str | None,
-             name: str | os.PathLike | None = None, series_number: int = SR_SERIES_NUMBER) -> Path:
+             name: str | os.PathLike | None = None, series_number: int = SR_SERIES_NUMBER, finding=None) -> Path:
     """Write the TID 1500 measurement report of `measurement` (from `measure_scan(decoded, mask)`) as a
     Comprehensive SR to `out_path`, atomically. See `build_sr`."""
-    ds = build_sr(source, mask, measurement, frame, model=model, name=name, series_number=series_number)
+    ds = build_sr(source, mask, measurement, frame, model=model, name=name, series_number=series_number,
+                  finding=finding)
     return atomic_write_bytes(out_path, dicom_bytes(ds))
 
 
@@ -104,7 +106,7 @@ def write_seg(source: str | os.PathLike | bytes, mask: np.ndarray, out_path: str
 
 def build_sr(source: str | os.PathLike | bytes, mask: np.ndarray,
              measurement: ScanMeasurement | ImageMeasurement, frame: int | None = None, *, model: str | None,
-             name: str | os.PathLike | None = None, series_number: int = SR_SERIES_NUMBER):
+             name: str | os.PathLike | None = None, series_number: int = SR_SERIES_NUMBER, finding=None):
     """A highdicom `ComprehensiveSR` reporting `measurement` of the lesions of `mask` on `source`.
 
     `source` is the DICOM file (a path or its bytes) the mask was drawn on; `mask` bool HxW on its grid,
@@ -112,7 +114,9 @@ def build_sr(source: str | os.PathLike | bytes, mask: np.ndarray,
     frame of a multi-frame file (required there; None or 0 for a single-frame one); `model` a short name
     of the hemaseg model that drew the mask, recorded in the algorithm identification, or None when the
     mask came from elsewhere (`measure --masks`: the SR then says the outline was supplied, not drawn);
-    `name` what error messages call the file (default: the path, or "upload" for bytes).
+    `name` what error messages call the file (default: the path, or "upload" for bytes); `finding` the
+    model's `inference.review.Finding` (lesion found or not, needs review, why), reported as qualitative
+    evaluations of the scan group and the reason among the algorithm's parameters.
 
     Raises `DataError` (one line naming the file) when the file is not a DICOM image, lacks a UID the SR
     must reference, the mask does not fit it, the frame does not exist, or the scan has no mm calibration.
@@ -132,7 +136,7 @@ def build_sr(source: str | os.PathLike | bytes, mask: np.ndarray,
                                    "figures in pixels are in lesions.csv", "invalid")
         outlines = _outlines(mask, m, where)
         src = _with_type2(ds)
-        report = _measurement_report(src, m, outlines, frame_numbers, model)
+        report = _measurement_report(src, m, outlines, frame_numbers, model, finding)
         try:  # the only step that reads the header's patient and study values
             return hd.sr.ComprehensiveSR(
                 evidence=[src], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
@@ -145,7 +149,7 @@ def build_sr(source: str | os.PathLike | bytes, mask: np.ndarray,
 
 
 def _measurement_report(src, m: ImageMeasurement, outlines: list[np.ndarray], frame_numbers: list[int] | None,
-                        model: str | None):
+                        model: str | None, finding=None):
     """The TID 1500 content tree: the scan group, then one planar ROI group per lesion (module docstring)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -154,6 +158,17 @@ def _measurement_report(src, m: ImageMeasurement, outlines: list[np.ndarray], fr
     sp = m.spacing
     params.append(f"pixel spacing: x {sp.x_mm:.6g} mm, y {sp.y_mm:.6g} mm per pixel, from {sp.source}")
     params += [f"note: {w}" for w in m.warnings if w not in _NOT_REPORTED]
+    evaluations = []
+    if finding is not None:  # the finding every surface shows: lesion or none, and whether to review it
+        concept = hd.sr.CodedConcept
+        yes, no = concept("373066001", "SCT", "Yes"), concept("373067005", "SCT", "No")
+        params.append(f"review: {_text(finding.why)}")
+        evaluations = [
+            # no standard codes say "the model found a lesion" / "a clinician must review this": private ones
+            # (coding scheme 99 + the maker's name), answered with SNOMED's Yes / No
+            hd.sr.QualitativeEvaluation(concept("LESION", "99HEMASEG", "Lesion found"), yes if finding.found else no),
+            hd.sr.QualitativeEvaluation(concept("REVIEW", "99HEMASEG", "Needs review"),
+                                        yes if finding.needs_review else no)]
     algorithm = hd.sr.AlgorithmIdentification(name="hemaseg", version=__version__, parameters=params)
 
     def region_source():  # a content item may sit in one place of the tree only: one per use
@@ -165,6 +180,7 @@ def _measurement_report(src, m: ImageMeasurement, outlines: list[np.ndarray], fr
         algorithm_id=algorithm,
         measurements=[hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=int(m.n_lesions),
                                         unit=hd.sr.CodedConcept("1", "UCUM", "no units"))],
+        qualitative_evaluations=evaluations or None,
     )
     groups = [scan_group]
     for les, points in zip(m.lesions, outlines):
@@ -244,8 +260,8 @@ def build_seg(source: str | os.PathLike | bytes, mask: np.ndarray, frame: int | 
 
 
 def dicom_outputs(source: str | os.PathLike, mask: np.ndarray, measured: ScanMeasurement, frame: int | None,
-                  stem: str | os.PathLike, *, sr: bool, seg: bool,
-                  model: str | None) -> tuple[dict[Path, bytes], list[str]]:
+                  stem: str | os.PathLike, *, sr: bool, seg: bool, model: str | None,
+                  finding=None) -> tuple[dict[Path, bytes], list[str]]:
     """For one DICOM scan's outputs (`stem` = out_dir / NAME): the bytes of NAME_sr.dcm and NAME_seg.dcm
     asked for, keyed by path (to write with the scan's other outputs, whole or not at all), and a line
     for each one that cannot be made (an uncalibrated scan's SR, a cine's SEG: the DataError's text).
@@ -256,7 +272,7 @@ def dicom_outputs(source: str | os.PathLike, mask: np.ndarray, measured: ScanMea
     if sr:
         try:
             files[stem.with_name(f"{stem.name}_sr.dcm")] = dicom_bytes(
-                build_sr(source, mask, measured, frame, model=model))
+                build_sr(source, mask, measured, frame, model=model, finding=finding))
         except DataError as e:
             skipped.append(str(e))
     if seg:
@@ -281,11 +297,7 @@ def dicom_bytes(ds) -> bytes:
 
 
 def _highdicom():
-    try:
-        import highdicom
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("DICOM SR and SEG output needs highdicom: pip install highdicom") from None
-    return highdicom
+    return require("highdicom", "DICOM SR and SEG output")
 
 
 def _where(source, name) -> str | os.PathLike:

@@ -34,9 +34,9 @@ is "not measurable in mm" and is never a reference: pixels are not compared acro
 depth settings differ.
 
 Privacy: outputs name a patient by a salted key, `p` + 12 hex digits of HMAC-SHA256(salt, patient ID),
-unless `raw_patient_id`. The salt is the caller's, or one generated once and kept in OUT/salt.txt (so a
-rerun gives the same keys; whoever has salt.txt and a guess of an ID can check the guess, so share the
-pages, not the folder). No output holds a file path (a row is named by its CSV line), and nothing from a
+unless `raw_patient_id`. The salt is the caller's, or one generated once and kept beside the visits
+table as hemaseg-salt.txt (so every run on that table, into any output folder, gives the same keys;
+whoever has the salt and a guess of an ID can check the guess, so share the pages, not the salt). No output holds a file path (a row is named by its CSV line), and nothing from a
 DICOM header beyond what `measure_scan` reports. Dates are written as given.
 
 Outputs (all written atomically): visits.csv (a row per lesion per visit), scans.csv (a row per scan
@@ -50,9 +50,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import html
+import inspect
 import logging
 import math
 import os
@@ -95,19 +97,20 @@ PLANE_ALIASES = {"transverse": TRANSVERSE, "trans": TRANSVERSE, "tr": TRANSVERSE
                  "sag": LONGITUDINAL}
 STATUSES = ("baseline", "growth", "stable", "involution", "not measurable in mm", "no lesion in the mask")
 REFERENCES = ("largest", "previous")
-SALT_FILE = "salt.txt"
+SALT_FILE = "hemaseg-salt.txt"  # beside the visits table: the same patient gets the same key in every --out
 ERROR_COLUMNS = ("line", "problem")
 _CHANGES = tuple(f"{metric}_change_{ref}_{unit}"
                  for metric, size_unit in (("longest", "mm"), ("perpendicular", "mm"), ("volume", "mm3"))
                  for ref in ("previous", "baseline", "smallest") for unit in (size_unit, "pct"))
 VISIT_COLUMNS = ("patient_key", "lesion", "site", "date", "age_weeks", "planes", "csv_lines",
                  "longest_diameter_mm", "perpendicular_diameter_mm", "section_plane", "thickness_mm",
-                 "area_mm2", "volume_mm3", *_CHANGES, "status", "status_reason", "spacing_source", "warnings")
+                 "area_mm2", "volume_mm3", *_CHANGES, "status", "status_reason", "provisional", "needs_review",
+                 "spacing_source", "warnings")
 SCAN_COLUMNS = ("line", "patient_key", "lesion", "site", "date", "age_weeks", "plane", "outline", "n_lesions",
                 "longest_diameter_mm", "perpendicular_diameter_mm", "thickness_mm", "area_mm2",
                 "longest_diameter_px", "perpendicular_diameter_px", "thickness_px", "area_px",
                 "bbox_x", "bbox_y", "bbox_w", "bbox_h", "spacing_x_mm", "spacing_y_mm", "spacing_source",
-                "calibration_note", "warnings")
+                "calibration_note", "finding", "needs_review", "review_reason", "warnings")
 # morphometry warnings about figures track does not report (depths below the skin, echogenicity)
 _IRRELEVANT = (NO_SKIN_LINE, NO_IMAGE)
 VOLUME_TEXT = ("Volume = π/6 · L · W · H: L the longitudinal scan's longest diameter, W the transverse "
@@ -215,12 +218,20 @@ class RowError(ValueError):
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-def _parse_date(text: str, column: str) -> datetime.date:
+MAX_AGE_WEEKS = 1100  # 21 years: past any age at which a patient is followed for a childhood lesion
+
+
+def _parse_date(text: str, column: str, past: bool = False) -> datetime.date:
+    """A YYYY-MM-DD date; with `past`, one that is not after today (a visit or a birth has happened)."""
     if _ISO_DATE.match(text):
         try:
-            return datetime.date.fromisoformat(text)
+            date = datetime.date.fromisoformat(text)
         except ValueError:
             pass
+        else:
+            if past and date > datetime.date.today():
+                raise ValueError(f"{column} {text} is in the future")
+            return date
     raise ValueError(f"{column} {text!r} is not a date written YYYY-MM-DD")
 
 
@@ -229,8 +240,8 @@ def _parse_weeks(text: str, column: str) -> float:
         v = float(text)
     except ValueError:
         raise ValueError(f"{column} {text!r} is not a number of weeks") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{column} {text!r} must be a number of weeks >= 0")
+    if not (math.isfinite(v) and 0 <= v <= MAX_AGE_WEEKS):
+        raise ValueError(f"{column} {text!r} must be a number of weeks from 0 to {MAX_AGE_WEEKS:,}")
     return v
 
 
@@ -242,11 +253,11 @@ def _parse_row(cells: dict[str, str], line: int, base: Path) -> TableRow:
         for k in REQUIRED_COLUMNS:
             if not get(k):
                 raise ValueError(f"the {k} cell is empty")
-        date = _parse_date(get("date"), "date") if get("date") else None
+        date = _parse_date(get("date"), "date", past=True) if get("date") else None
         age = _parse_weeks(get("age_weeks"), "age_weeks") if get("age_weeks") else None
         if date is None and age is None:
             raise ValueError("no date and no age_weeks: give one of them")
-        birth = _parse_date(get("birth_date"), "birth_date") if get("birth_date") else None
+        birth = _parse_date(get("birth_date"), "birth_date", past=True) if get("birth_date") else None
         treat = get("treatment_start")
         treatment = None
         if treat:  # a date has dashes; an age in weeks is a plain number
@@ -337,6 +348,10 @@ def _patient_facts(rows: list[TableRow], errors: list[RowError]) -> list[TableRo
                                        row.patient))
                 continue
             age = (row.date - birth).days / 7.0
+            if age > MAX_AGE_WEEKS:
+                errors.append(RowError(row.line, f"date {row.date} is {age:,.0f} weeks after the birth_date {birth}, "
+                                                 f"beyond {MAX_AGE_WEEKS:,} weeks", row.patient))
+                continue
             if row.age_weeks is not None and abs(row.age_weeks - age) > 0.5:
                 problem = (f"age_weeks {row.age_weeks:g} does not match date {row.date} and birth_date "
                            f"{birth} ({age:.1f} weeks)")
@@ -389,8 +404,14 @@ class _Scan:
     outline: str  # "mask" (the table's) or "model" (segmented here)
     measured: ScanMeasurement
     lesion: LesionMeasurement | None  # the tracked lesion: the mask's largest
-    thumbnail: bytes | None  # PNG of the lesion's surroundings with its outline
+    thumbnail: bytes | None  # PNG of the lesion's surroundings with its outline (the whole scan when empty)
     warnings: list[str]
+    finding: object | None = None  # the model's `inference.review.Finding` (None: the table's own mask)
+
+    @property
+    def flagged(self) -> bool:
+        """The model's outline (or its 'no lesion') needs a clinician's review."""
+        return bool(getattr(self.finding, "needs_review", False))
 
     @property
     def spacing(self) -> Spacing | None:
@@ -449,10 +470,10 @@ def _measure(row: TableRow, predictor: Predictor | None, mask_threshold: float |
         if mask.shape != decoded.gray.shape:
             (mh, mw), (ih, iw) = mask.shape, decoded.gray.shape
             raise RowError(row.line, f"mask size {mw}x{mh} does not match its scan's {iw}x{ih}", row.patient)
-        outline = "mask"
+        outline, finding = "mask", None
     else:
-        mask = predictor.predict(decoded.gray).mask
-        outline = "model"
+        pred = predictor.predict(decoded.gray)
+        mask, outline, finding = pred.mask, "model", getattr(pred, "finding", None)
     measured = measure_scan(decoded, mask, row.pixel_spacing)
     m = measured.measurement
     warnings = [w for w in m.warnings if w not in _IRRELEVANT]
@@ -466,12 +487,16 @@ def _measure(row: TableRow, predictor: Predictor | None, mask_threshold: float |
         # the largest component; argmax takes the first of equal areas, as measure_mask's stable sort does
         largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
         thumbnail = _thumbnail(decoded.gray, largest, lesion.bbox, m.spacing)
+    else:  # the whole scan, so an empty visit can be looked at too
+        thumbnail = _thumbnail(decoded.gray, mask, (0, 0, mask.shape[1], mask.shape[0]), m.spacing)
+    if finding is not None and finding.needs_review:
+        warnings.append(f"{finding.text}: {finding.why}")
     if measured.burned_in_annotation:
         warnings.append("the DICOM file does not say its pixels are free of burned-in text "
                         "(BurnedInAnnotation is not NO): check the thumbnail before sharing the page")
     if decoded.dicom is not None and decoded.dicom.n_frames > 1:
         warnings.append(f"cine DICOM: its first frame of {decoded.dicom.n_frames} was measured")
-    return _Scan(row, outline, measured, lesion, thumbnail, warnings)
+    return _Scan(row, outline, measured, lesion, thumbnail, warnings, finding)
 
 
 # --------------------------------------------------------------------------------------------- visits
@@ -487,6 +512,11 @@ class _Visit:
     reason: str = ""
     changes: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    provisional: bool = False  # the status rests on an outline flagged for review
+
+    @property
+    def flagged(self) -> bool:
+        return any(s.flagged for s in self.scans)
 
     @property
     def row(self) -> TableRow:
@@ -518,8 +548,12 @@ def _volume(visit: _Visit) -> float | None:
 
 
 def _when(visit: _Visit, axis: str) -> str:
+    """The visit's time on the lesion's axis, with the other one beside it when the table gives it."""
     r = visit.row
-    return f"week {r.age_weeks:.1f}" if axis == "age" else str(r.date)
+    age = None if r.age_weeks is None else f"week {r.age_weeks:.1f}"
+    date = None if r.date is None else str(r.date)
+    first, second = (age, date) if axis == "age" else (date, age)
+    return f"{first} ({second})" if second else str(first)
 
 
 def _planes(planes: set[str]) -> str:
@@ -611,9 +645,12 @@ def _assess(visits: list[_Visit], rules: TrackRules, axis: str) -> None:
     for v in visits:
         v.volume = _volume(v)
         if not v.mm_planes:
+            v.provisional = v.flagged
             if any(s.spacing is not None for s in v.scans):
                 v.status = "no lesion in the mask"
-                v.reason = "the masks of this visit's calibrated scans are empty"
+                v.reason = ("the model found no lesion on this visit's calibrated scans: review them" if
+                            any(s.outline == "model" for s in v.scans) else
+                            "the masks of this visit's calibrated scans are empty")
             else:
                 v.status = "not measurable in mm"
                 v.reason = "no scan of this visit is calibrated: its figures are in pixels, never compared"
@@ -623,6 +660,10 @@ def _assess(visits: list[_Visit], rules: TrackRules, axis: str) -> None:
                               "lesion")
         _changes(v, done)
         v.status, v.reason = _status(v, done, rules, axis)
+        v.provisional = v.flagged or (bool(done) and done[-1].flagged)
+        if v.provisional:
+            v.reason += ("; provisional: " + ("this visit's outline" if v.flagged else "the previous visit's outline")
+                         + " is flagged for review")
         done.append(v)
 
 
@@ -634,17 +675,22 @@ def patient_key(patient_id: str, salt: str) -> str:
     return "p" + hmac.new(salt.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:12]
 
 
-def _resolve_salt(out: Path, salt: str | None) -> tuple[str, Path | None]:
-    """(salt, where it is kept): the caller's (not stored), else OUT/salt.txt's, else a new one kept there."""
-    path = out / SALT_FILE
-    stored = path.read_text().strip() if path.is_file() else None
+def _resolve_salt(data_dir: Path, salt: str | None, out: Path | None = None) -> tuple[str, Path | None]:
+    """(salt, where it is kept): the caller's (it wins and is never written: theirs to keep), else the one
+    kept beside the visits table (DATA_DIR/hemaseg-salt.txt, so every output folder made from that table
+    names a patient alike), else one an earlier version kept in OUT/salt.txt (copied beside the table),
+    else a new one kept there."""
     if salt is not None:
         if not salt.strip():
             raise ConfigError("salt", "must not be empty")
-        if stored and stored != salt:
-            raise ValueError(f"{path}: holds a different salt, so the keys would not match the outputs "
-                             "already in this folder; give that salt, another --out, or delete salt.txt")
         return salt, None
+    path = data_dir / SALT_FILE
+    stored = path.read_text().strip() if path.is_file() else None
+    legacy = out / "salt.txt" if out is not None else None
+    if not stored and legacy is not None and legacy.is_file():
+        stored = legacy.read_text().strip() or None
+        if stored:
+            atomic_write_text(path, stored + "\n")
     if stored:
         return stored, path
     new = secrets.token_hex(16)
@@ -667,7 +713,8 @@ class TrackResult:
     errors: list[dict] = field(default_factory=list)  # rows of errors.csv: line, problem
     pages: list[Path] = field(default_factory=list)  # patients/KEY.html
     curves: list[Path] = field(default_factory=list)  # curves/KEY_LESION_SITE.png, one per lesion
-    salt_file: Path | None = None  # where the salt is kept; None with a caller's salt or raw IDs
+    salt_file: Path | None = None  # where the salt is kept (beside the table); None with a caller's salt or raw IDs
+    index: Path | None = None  # index.html: every patient and lesion with its latest status
     rules: TrackRules = field(default_factory=TrackRules)
 
 
@@ -684,7 +731,9 @@ def _scan_row(s: _Scan, key: str) -> dict:
     d = dict.fromkeys(SCAN_COLUMNS)
     d |= {"line": r.line, "patient_key": key, "lesion": r.lesion, "site": r.site, "date": r.date,
           "age_weeks": _r(r.age_weeks, 2), "plane": r.plane, "outline": s.outline, "n_lesions": m.n_lesions,
-          "calibration_note": s.measured.calibration_note, "warnings": _join(s.warnings)}
+          "calibration_note": s.measured.calibration_note, "warnings": _join(s.warnings),
+          "needs_review": s.flagged if s.finding is not None else None,
+          "finding": getattr(s.finding, "text", None), "review_reason": getattr(s.finding, "why", None)}
     if sp is not None:
         d |= {"spacing_x_mm": sp.x_mm, "spacing_y_mm": sp.y_mm, "spacing_source": sp.source}
     if les is not None:
@@ -709,7 +758,8 @@ def _visit_row(v: _Visit, key: str) -> dict:
           "age_weeks": _r(r.age_weeks, 2), "planes": "+".join(s.row.plane or "(not given)" for s in v.scans),
           "csv_lines": " ".join(str(n) for n in sorted(s.row.line for s in v.scans)),
           "thickness_mm": _r(v.thickness()), "volume_mm3": _r(v.volume, 1), "status": v.status,
-          "status_reason": v.reason, "spacing_source": _join(spacing), "warnings": _join(warnings)}
+          "status_reason": v.reason, "provisional": v.provisional, "needs_review": v.flagged,
+          "spacing_source": _join(spacing), "warnings": _join(warnings)}
     if sec is not None:
         d |= {"longest_diameter_mm": _r(sec.longest), "perpendicular_diameter_mm": _r(sec.perpendicular),
               "section_plane": sec.row.plane, "area_mm2": _r(sec.lesion.area_mm2)}
@@ -794,7 +844,10 @@ _PAGE_CSS = REPORT_CSS + """
 .status-growth{color:#b00020;font-weight:600}.status-involution{color:#0a6b2d;font-weight:600}
 table.visits{font-size:.88em}table.visits td,table.visits th{padding:3px 6px}
 table.visits td.num,td.status{white-space:nowrap}table.visits td.why{min-width:15em}
-.scroll{overflow-x:auto}"""
+.scroll{overflow-x:auto;max-width:100%}
+table.visits th:first-child,table.visits td:first-child{position:sticky;left:0;background:#fff;z-index:1}
+table.visits thead th:first-child{background:#f3f4f6}
+figure.flagged img{border:3px solid #e07b00}"""
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -812,7 +865,7 @@ def _scan_html(v: _Visit, s: _Scan, axis: str) -> tuple[str, str]:
     plane = s.row.plane or "plane not given"
     what = f"{_when(v, axis)} · {plane} · {v.status}"
     if s.lesion is None:
-        size = "no lesion in the mask"
+        size = "no lesion found — review" if s.outline == "model" else "no lesion in the mask"
     elif s.spacing is not None:
         size = f"{s.longest:.1f} × {s.perpendicular:.1f} mm, thickness {s.lesion.thickness_mm:.1f} mm"
     else:
@@ -821,8 +874,10 @@ def _scan_html(v: _Visit, s: _Scan, axis: str) -> tuple[str, str]:
     figure = ""
     if s.thumbnail is not None:
         outline = "outline: the table's mask" if s.outline == "mask" else "outline: the model's"
-        figure = (f"<figure>{img_tag(s.thumbnail, f'{what}: the lesion with its outline in yellow; {size}')}"
-                  f"<figcaption><strong>{esc(what)}</strong><br>{esc(size)}<br>"
+        review = (f'<br><span class="tag review">⚠ review</span>{esc(s.finding.why)}' if s.flagged else "")
+        figure = (f'<figure class="{"flagged" if s.flagged else ""}">'
+                  f"{img_tag(s.thumbnail, f'{what}: the lesion with its outline in yellow; {size}')}"
+                  f"<figcaption><strong>{esc(what)}</strong><br>{esc(size)}{review}<br>"
                   f'<span class="muted">{esc(outline)}; CSV line {s.row.line}</span></figcaption></figure>')
     cal = (f"{s.spacing.x_mm:g} × {s.spacing.y_mm:g} mm/pixel from {s.spacing.source}" if s.spacing
            else f"in pixels: {s.measured.calibration_note or 'no calibration'}")
@@ -846,7 +901,9 @@ def _lesion_html(lesion: str, site: str, visits: list[_Visit], axis: str, curve:
                 _change(v, "volume", "previous", "mm3")]
         body.append(f"<tr><td>{esc(_when(v, axis))}</td><td>{planes}</td>"
                     + "".join(f'<td class="num">{esc(c)}</td>' for c in nums)
-                    + f'<td class="status status-{v.status.split()[0]}">{esc(v.status)}</td>'
+                    + f'<td class="status status-{v.status.split()[0]}">{esc(v.status)}'
+                    + (' <span class="tag review">provisional</span>' if v.provisional else "")
+                    + (' <span class="tag review">⚠ review</span>' if v.flagged else "") + "</td>"
                     f'<td class="why">{esc(v.reason)}</td></tr>')
         for s in v.scans:
             figure, note = _scan_html(v, s, axis)
@@ -877,7 +934,9 @@ def _page(key: str, raw: bool, lesions: list[tuple], rules: TrackRules, errors: 
            else "a salted key of the patient ID (the ID itself is in no output)")
     parts = [f"<header><h1>Lesion follow-up: patient {esc(key)}</h1>",
              (f'<p class="muted">Patient named by {esc(who)}. Measured by hemaseg {esc(__version__)}: '
-              "decision support, not a diagnosis; check every outline.</p></header><main>"),
+              "decision support, not a diagnosis; check every outline. An outline (or a 'no lesion found') "
+              "the model's confidence puts in doubt is marked ⚠ review with its reason, and a status that "
+              "rests on it is provisional.</p></header><main>"),
              ('<section id="rules"><h2>Status rules</h2><div class="rule"><ul>'
               + "".join(f"<li>{esc(line)}</li>" for line in rules.describe()) + "</ul></div>"
               + f'<p class="muted">{esc(VOLUME_TEXT)}</p></section>')]
@@ -895,6 +954,27 @@ def _page(key: str, raw: bool, lesions: list[tuple], rules: TrackRules, errors: 
 # -------------------------------------------------------------------------------------------- track
 
 
+def _index(entries: list[tuple[str, str, list[tuple[str, str, _Visit, str, int]]]], raw: bool) -> str:
+    """OUT/index.html: every patient (key, page) and lesion with its latest visit, status and flags."""
+    esc = html.escape
+    rows = []
+    for key, page, lesions in entries:
+        for lesion, site, last, axis, n_flagged in lesions:
+            flags = (' <span class="tag review">provisional</span>' if last.provisional else "") + (
+                f' <span class="tag review">⚠ {n_flagged} visit(s) to review</span>' if n_flagged else "")
+            rows.append(f'<tr><td><a href="patients/{esc(page)}">{esc(key)}</a></td><td>{esc(lesion)}</td>'
+                        f"<td>{esc(site)}</td><td>{esc(_when(last, axis))}</td>"
+                        f'<td class="status status-{last.status.split()[0]}">{esc(last.status)}{flags}</td></tr>')
+    who = "patient ID" if raw else "patient key"
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>Lesion follow-up: all patients</title><style>{_PAGE_CSS}</style></head>\n<body>\n"
+            "<header><h1>Lesion follow-up: all patients</h1><p class=\"muted\">The latest visit of every lesion. "
+            "Decision support, not a diagnosis.</p></header><main><div class=\"scroll\"><table class=\"visits\">"
+            f"<thead><tr><th>{who}</th><th>lesion</th><th>site</th><th>latest visit</th><th>status</th></tr></thead>"
+            "<tbody>" + "".join(rows) + "</tbody></table></div></main>\n</body></html>\n")
+
+
 def _clean(folder: Path, keep: set[Path], pattern: str) -> None:
     """Remove what an earlier run wrote into our own subfolder and this one did not (a patient since
     dropped from the table)."""
@@ -904,6 +984,28 @@ def _clean(folder: Path, keep: set[Path], pattern: str) -> None:
                 p.unlink()
 
 
+def _removes_its_files_on_failure(fn):
+    """A track that fails (a full disk, Ctrl-C) removes every file and folder it created in `out_dir`: no salt,
+    curve or empty patients/ folder is left without the tables that explain it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        out = Path(inspect.signature(fn).bind(*args, **kwargs).arguments["out_dir"])
+        before = {out, *out.rglob("*")} if out.is_dir() else set()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            new = {out, *out.rglob("*")} - before if out.is_dir() else set()
+            for p in sorted(new, key=lambda p: len(p.parts), reverse=True):  # files before their folders
+                if p.is_dir() and not p.is_symlink():
+                    if not any(p.iterdir()):
+                        p.rmdir()
+                else:
+                    p.unlink(missing_ok=True)
+            raise
+    return wrapper
+
+
+@_removes_its_files_on_failure
 def track(table_csv: str | os.PathLike, out_dir: str | os.PathLike, predictor: Predictor | None = None,
           rules: TrackRules = TrackRules(), salt: str | None = None, raw_patient_id: bool = False, *,
           mask_threshold: float | None = None, max_pixels: int | None = MAX_PIXELS_DEFAULT) -> TrackResult:
@@ -929,7 +1031,7 @@ def track(table_csv: str | os.PathLike, out_dir: str | os.PathLike, predictor: P
     if raw_patient_id:
         keys = {p: p for p in patients}
     else:
-        secret, result.salt_file = _resolve_salt(out, salt)
+        secret, result.salt_file = _resolve_salt(Path(table_csv).resolve().parent, salt, out)
         keys = {p: patient_key(p, secret) for p in patients}
     # a message that quotes a patient's ID (a path named after the patient) shows the key instead; IDs
     # shorter than 4 characters would also match inside line numbers and figures
@@ -966,6 +1068,7 @@ def track(table_csv: str | os.PathLike, out_dir: str | os.PathLike, predictor: P
             per_patient.setdefault(patient, []).append((lesion, site, visits, axis))
 
     pages, curves, names = set(), set(), set()
+    index_entries: list[tuple] = []
     for patient, lesions in per_patient.items():
         key = keys[patient]
         name = _slug(key)
@@ -973,7 +1076,10 @@ def track(table_csv: str | os.PathLike, out_dir: str | os.PathLike, predictor: P
             name += "_"
         names.add(name)
         page_lesions = []
-        for lesion, site, visits, axis in sorted(lesions, key=lambda t: (t[0], t[1])):
+        lesions = sorted(lesions, key=lambda t: (t[0], t[1]))
+        index_entries.append((key, f"{name}.html", [(lesion, site, visits[-1], axis, sum(v.flagged for v in visits))
+                                                    for lesion, site, visits, axis in lesions]))
+        for lesion, site, visits, axis in lesions:
             curve = _curve_png(visits, axis, f"Lesion {lesion} ({site})")
             stem = f"{name}_{_slug(lesion)}_{_slug(site)}"
             path, n = out / "curves" / f"{stem}.png", 1
@@ -993,6 +1099,7 @@ def track(table_csv: str | os.PathLike, out_dir: str | os.PathLike, predictor: P
 
     result.scans = [_scan_row(s, keys[s.row.patient]) for _, s in sorted(scans.items())]
     result.errors = [{"line": e.line, "problem": redact(e.problem)} for e in errors]
+    result.index = atomic_write_text(out / "index.html", _index(index_entries, raw_patient_id))
     write_csv(out / "visits.csv", result.visits, VISIT_COLUMNS)
     write_csv(out / "scans.csv", result.scans, SCAN_COLUMNS)
     atomic_write_text(out / "rules.txt", "\n".join([*rules.describe(), VOLUME_TEXT]) + "\n")

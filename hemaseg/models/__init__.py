@@ -22,14 +22,19 @@ def _unet(cfg: ModelConfig) -> nn.Module:
     return UNet(cfg.in_channels, cfg.base_width, cfg.depth, cfg.norm)
 
 
-def _efficientnet_unet(cfg: ModelConfig) -> nn.Module:
-    from hemaseg.models.efficientnet import EfficientNetUNet
+def _efficientnet_unet(variant: str) -> Callable[[ModelConfig], nn.Module]:
+    def build(cfg: ModelConfig) -> nn.Module:
+        from hemaseg.models.efficientnet import EfficientNetUNet
 
-    return EfficientNetUNet(cfg.in_channels)
+        return EfficientNetUNet(cfg.in_channels, variant)
+
+    return build
 
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"seed": _seed, "unet": _unet,
-                                                         "efficientnet-lite0-unet": _efficientnet_unet}
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "seed": _seed, "unet": _unet,
+    **{f"efficientnet-{v}-unet": _efficientnet_unet(v) for v in ("lite0", "lite1", "lite2")},
+}
 assert set(MODELS) == set(ARCHS), "config.ARCHS and models.MODELS must name the same networks"
 
 

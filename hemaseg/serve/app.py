@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hmac
 import logging
 import queue
 import re
@@ -26,25 +25,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from hemaseg import __version__
 from hemaseg.data.images import DataError, Decoded, decode_image
 from hemaseg.render import overlay_contours
-from hemaseg.inference.predictor import Predictor, load_model
+from hemaseg.inference.predictor import Prediction, Predictor, load_model
 from hemaseg.io import atomic_write_bytes, json_safe, png_bytes
 from hemaseg.spacing import Spacing, parse_pixel_spacing
+from hemaseg.web import MULTIPART_SLACK, SECURITY_HEADERS, ApiError, api_key_check, install_error_handlers, read_body
 from hemaseg.lesions import find_lesions
 from hemaseg.measure.scan import measure_scan
 
@@ -55,16 +53,7 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # decoders PIL may try, chosen
 # Magic bytes of the allowed formats, to tell a damaged scan (422) from something else entirely (415).
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_LISTED_LESIONS = 100  # outlines in a reply; the count covers all
-_MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the file itself
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    # The page loads nothing from elsewhere; images are data: URLs built from the API's reply.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
-                               "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
-}
 
 
 @dataclass(frozen=True)
@@ -84,6 +73,10 @@ class Settings:
     backend: str = "auto"  # how the network runs (config.BACKENDS)
     tta: bool = False
     postprocess: bool = True
+    box_backend: str = "auto"  # LiteMedSAM's backend for requests with a box (inference.promptable.BACKENDS)
+    # Host header names served besides LOCAL_HOSTS (the CLI adds its --host): any other name is refused, so a
+    # web page that rebinds its own DNS name to 127.0.0.1 cannot read this service from the user's browser
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1 or self.max_pixels < 1:
@@ -94,6 +87,11 @@ class Settings:
                              f"{self.max_batch}, {self.max_pending}")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        for host in self.allowed_hosts:
+            if not isinstance(host, str) or not host.strip() or "*" in host[1:] or \
+                    (host.startswith("*") and host != "*" and not host.startswith("*.")) or "/" in host:
+                raise ValueError(f"--allowed-hosts: {host!r} is not a host name (e.g. scanner.local, 10.0.0.5, "
+                                 "*.example.org, or * for any)")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key is empty (flag or HEMASEG_API_KEY); give a key, or leave both unset "
                              "to serve without one")
@@ -101,16 +99,14 @@ class Settings:
             raise ValueError(f"{self.keep_uploads}: --keep-uploads must name a folder, and this is a file")
 
 
-class ApiError(Exception):
-    """A refusal the client can act on; becomes `{"error": {"code", "message"}}` with `status`."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # the names of this machine, always served
 
 
-def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def host_patterns(extra: tuple[str, ...] = ()) -> list[str]:
+    """The Host header values served: LOCAL_HOSTS and `extra`, IPv6 literals also in brackets (as a Host
+    header writes them)."""
+    hosts = dict.fromkeys(h.strip().lower() for h in (*LOCAL_HOSTS, *extra))
+    return list(dict.fromkeys([*hosts, *(f"[{h}]" for h in hosts if ":" in h and not h.startswith("["))]))
 
 
 # --- response schema (documentation for /openapi.json; replies are built as plain dicts for speed) -----------
@@ -161,8 +157,12 @@ class SegmentReply(BaseModel):
     confidence: float = Field(description="how sure the answer is, 0..1, the number `hemaseg predict` writes: "
                                           "with a lesion, 1 - mean binary entropy over the pixels that matter; "
                                           "with none, 1 - max(p) / threshold (a near miss scores near 0)")
-    needs_review: bool = Field(description="confidence at or below the run's review threshold")
+    needs_review: bool = Field(description="confidence at or below the model's fitted review cut; without one, "
+                                           "every 'no lesion' and any lesion below the margin rule's 0.5")
     finding: str = Field(description="'lesion found' or 'no lesion found', with ' - review' when flagged")
+    review_reason: str = Field(description="the rule that decided needs_review, in words")
+    prompt: dict[str, Any] | None = Field(None, description="with a `box` parameter: the box and the model that "
+                                                             "outlined it (litemedsam); null otherwise")
     max_prob: float
     measurements: dict[str, Any] = Field(
         description="per scan and per lesion: area, longest and perpendicular diameter, thickness, depth below "
@@ -195,9 +195,6 @@ class ModelReply(BaseModel):
     postprocessing: dict[str, Any] = Field(description="mask postprocessing steps the run chose")
 
 
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                              description="needed only when the server was started with an API key")
-bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token (alternative to X-API-Key)")
 _ERRORS = {s: {"model": ErrorReply} for s in (401, 413, 415, 422, 503)}
 _UPLOAD_BODY = {
     "requestBody": {
@@ -286,6 +283,16 @@ class Service:
         self.warmup_error: str | None = None
         self.pending = 0
         self.model_info = _model_info(predictor)
+        self._box_model = None  # LiteMedSAM, loaded by the first request with a box
+
+    def box_model(self):
+        """The box-prompted model (`inference.promptable.BoxPredictor`), loaded once, on first use."""
+        with self._lock:
+            if self._box_model is None:
+                from hemaseg.inference.promptable import BoxPredictor
+
+                self._box_model = BoxPredictor(device=self.settings.device, backend=self.settings.box_backend)
+            return self._box_model
 
     def start(self) -> ThreadPoolExecutor:
         """Threads up (idempotent): the lifespan starts them, a request finds them, and a restarted
@@ -325,7 +332,8 @@ class Service:
             self.pool, self.batcher = None, None
 
     def segment(self, data: bytes, threshold: float, fmt: str, request_id: str, t_start: float,
-                pixel_spacing: Spacing | None = None, frame: int = 0) -> tuple[Any, dict]:
+                pixel_spacing: Spacing | None = None, frame: int = 0,
+                box: tuple[float, ...] | None = None) -> tuple[Any, dict]:
         """Bytes -> (reply body: dict for JSON or PNG bytes, numbers for the log line); runs in a pool thread."""
         s = self.settings
         decoded = None
@@ -341,9 +349,16 @@ class Service:
                 log.info("request %s upload kept as %s", request_id, kept)
         gray = decoded.gray
         t_decoded = time.perf_counter()
-        prob = self.probabilities(gray)
+        if box is None:
+            prob = self.probabilities(gray)
+            pred = self.predictor.prediction(prob, threshold)  # threshold + the run's postprocessing
+        else:  # the lesion inside the client's box, outlined by LiteMedSAM (no postprocessing: one drawn box)
+            try:
+                prob, _ = self.box_model().predict_proba(gray, box=box)
+            except ValueError as e:
+                raise ApiError(422, "invalid_box", f"{str(e)[:1].upper()}{str(e)[1:]}.") from None
+            pred = Prediction(prob, prob >= threshold, threshold)
         t_inferred = time.perf_counter()
-        pred = self.predictor.prediction(prob, threshold)  # threshold + the run's postprocessing
         mask = pred.mask
         h, w = mask.shape
         numbers = {"image": f"{w}x{h}", "decode_ms": (t_decoded - t_start) * 1000,
@@ -374,9 +389,8 @@ class Service:
                 "bbox": dict(zip(("x", "y", "width", "height"), les.bbox)), "centroid": list(les.centroid),
                 "contour": [list(p) for p in les.contour],
             } for les in lesions],
-            "confidence": round(pred.confidence, 4),
-            "needs_review": self.predictor.needs_review(pred.confidence),
-            "finding": self.predictor.finding(pred),
+            **pred.finding.row(),
+            "prompt": None if box is None else {"box": list(box), "model": "litemedsam"},
             "max_prob": round(float(prob.max()), 4),
             "measurements": json_safe(measure_scan(decoded, mask, pixel_spacing).to_dict()),
             "latency_ms": 0.0,  # filled in on the way out
@@ -422,7 +436,7 @@ class _RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
-                for k, v in _SECURITY_HEADERS.items():
+                for k, v in SECURITY_HEADERS.items():
                     headers.setdefault(k, v)
             await send(message)
 
@@ -437,21 +451,12 @@ async def _read_upload(request: Request, limit: int) -> bytes:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(422, "missing_file", "Send the scan as multipart/form-data in a field named 'file'.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit + _MULTIPART_SLACK:
-            raise too_large
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_body(request, limit, too_large)
 
     async def once() -> AsyncIterator[bytes]:
         yield body
 
-    parser = MultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=_MULTIPART_SLACK)
+    parser = MultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=MULTIPART_SLACK)
     parser.spool_max_size = len(body) + 1  # the file part stays in memory: never rolls over to a temp file
     try:
         form = await parser.parse()
@@ -502,48 +507,10 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
         docs_url=None, redoc_url=None,  # both would load their scripts from a CDN; /openapi.json stays
     )
     app.state.service = service
-    app.add_middleware(_RequestIdMiddleware)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        log.info("request %s refused: %d %s", request.state.request_id, exc.status, exc.code)
-        return _error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
-                 for e in exc.errors()]
-        return _error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s failed", getattr(request.state, "request_id", "?"))
-        return _error_response(500, "internal_error", "Something went wrong inside hemaseg; the log has details.")
-
-    async def require_key(key: Annotated[str | None, Depends(api_key_header)],
-                          token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if settings.api_key is None:
-            return
-        # compared as bytes in constant time: HTTP headers arrive as latin-1 text, so their raw bytes are
-        # the client's UTF-8 bytes of any key, ASCII or not
-        expected = settings.api_key.encode("utf-8")
-        for given in (key, token.credentials if token else None):
-            if given is None:
-                continue
-            try:
-                raw = given.encode("latin-1")
-            except UnicodeEncodeError:  # not from a header; compare its UTF-8 bytes
-                raw = given.encode("utf-8")
-            if hmac.compare_digest(raw, expected):
-                return
-        raise ApiError(401, "unauthorized", "This service needs an API key: send it as the X-API-Key header "
-                                            "or as Authorization: Bearer <key>.",
-                       headers={"WWW-Authenticate": "Bearer"})
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=host_patterns(settings.allowed_hosts))
+    app.add_middleware(_RequestIdMiddleware)  # added last, so outermost: the 400 of a bad Host gets its headers
+    install_error_handlers(app)
+    require_key = api_key_check(settings.api_key)
 
     @app.post(
         "/v1/segment", dependencies=[Depends(require_key)], openapi_extra=_UPLOAD_BODY, tags=["v1"],
@@ -561,6 +528,9 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
         pixel_spacing: str | None = Query(None, max_length=64, description="mm per pixel, 'MM' or 'X,Y', for "
                                           "scans without their own calibration (a DICOM file's wins)"),
         frame: int = Query(0, ge=0, le=100_000, description="frame of a multi-frame (cine) DICOM, from 0"),
+        box: str | None = Query(None, max_length=128, description="x0,y0,x1,y1 in the scan's pixels: outline the "
+                                "lesion in this box with LiteMedSAM (box-prompted, no training) instead of the "
+                                "served model"),
     ) -> Response:
         """Upload a PNG, JPEG, BMP, TIFF or DICOM scan as multipart field `file`; the mask is at the scan's size."""
         t_start = time.perf_counter()
@@ -575,10 +545,18 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
                     spacing = parse_pixel_spacing(pixel_spacing, "pixel_spacing parameter")
                 except ValueError as e:
                     raise ApiError(422, "invalid_pixel_spacing", str(e)[:1].upper() + str(e)[1:] + ".") from None
+            corners = None
+            if box is not None:
+                try:
+                    corners = tuple(float(v) for v in box.replace(";", ",").split(","))
+                except ValueError:
+                    corners = ()
+                if len(corners) != 4 or not all(np.isfinite(corners)):
+                    raise ApiError(422, "invalid_box", "The box must be four numbers x0,y0,x1,y1 in the scan's pixels.")
             data = await _read_upload(request, settings.max_upload_bytes)
             thr = predictor.threshold if threshold is None else threshold
             body, numbers = await asyncio.get_running_loop().run_in_executor(
-                service.start(), service.segment, data, thr, fmt, request_id, t_start, spacing, frame)
+                service.start(), service.segment, data, thr, fmt, request_id, t_start, spacing, frame, corners)
         finally:
             service.pending -= 1
         latency_ms = (time.perf_counter() - t_start) * 1000

@@ -5,6 +5,7 @@ RUN/splits.json    the train/val split used (reused on resume, never by a fresh 
 RUN/last.pt        weights + optimizer/scheduler/RNG state, written atomically (see below)
 RUN/best.pt        weights of the epoch with the best validation Dice
 RUN/metrics.csv    one row per epoch; RUN/curves.png the training curves; RUN/summary.json at the end
+RUN/confidence.json  the review decision fitted on the validation split (training/review.py)
 
 What a crash can lose: the checkpoints go to disk at the end of the first and the last epoch, and
 between them at the end of every epoch that would otherwise leave more than `checkpoint_every_s`
@@ -17,7 +18,7 @@ fresh run into a folder that holds files is refused unless `overwrite`; a resume
 fingerprint and the settings against the run's and refuses a change unless `allow_changed_data`.
 
 The scans come from the training cache (data/cache.py): letterboxed once per dataset and size into
-memory-mapped uint8 files shared by every run, fold and process, so training holds no copy of the data.
+memory-mapped files shared by every run, fold and process, so training holds no copy of the data.
 
 Each sample's augmentation is seeded by (seed, epoch, index) (on the device: each batch's by (seed,
 epoch, step, rank)) and each epoch's order by (seed, epoch), so a resumed run retraces the uninterrupted
@@ -32,12 +33,11 @@ processes as the run was trained with (the global batch is part of the training)
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hemaseg import __version__
-from hemaseg.config import RunConfig
+from hemaseg.config import RESUMABLE, RunConfig
 from hemaseg.data.dataset import (
     LoadedDataset,
     find_groups,
@@ -72,16 +72,18 @@ from hemaseg.evaluation.metrics import dice
 from hemaseg.evaluation.report import plot_curves
 from hemaseg.inference.backends import make_backend
 from hemaseg.inference.predictor import predict_boxed
-from hemaseg.io import atomic_write_text, remove_stale_temps
+from hemaseg.io import atomic_write_text, remove_stale_temps, write_csv
 from hemaseg.models import build_model
 from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaseg.models.pretrained import load_imagenet_encoder, load_packaged_weights
 from hemaseg import distributed
 from hemaseg.distributed import Distributed
+from hemaseg.training.review import fit_review_on_validation
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.json", "splits.json", "last.pt", "best.pt", "metrics.csv", "curves.png", "summary.json")
+RUN_FILES = ("config.json", "splits.json", "last.pt", "best.pt", "metrics.csv", "curves.png", "summary.json",
+             "confidence.json")
 
 
 class RunFolderError(ValueError):
@@ -356,8 +358,9 @@ def _check_split_names(split: Mapping, data: LoadedDataset, where: str = "split"
         raise ValueError(f"{where} names {len(missing)} scan(s) not in {data.root}, e.g. {missing[0]!r}")
 
 
-def _what_changed(state: dict, split: Mapping, data: LoadedDataset) -> str:
-    """A one-line account of how the data differs from what the run was trained on."""
+def _what_changed(state: dict, split: Mapping, data: LoadedDataset, shown: int = 5) -> str:
+    """A one-line account of how the data differs from what the run was trained on, naming up to `shown`
+    files changed, added or removed (from the file hashes last.pt keeps; runs from before them name scans)."""
     known = set(split["train"]) | set(split["val"])
     now = set(data.shapes)
     gone, new = natural_sorted(known - now), natural_sorted(now - known)
@@ -368,21 +371,28 @@ def _what_changed(state: dict, split: Mapping, data: LoadedDataset) -> str:
         parts.append(f"{len(new)} new scan(s) (e.g. {new[0]!r})")
     if not parts:
         parts.append("same scan names, different file contents")
+    was = state.get("data_files") or {}
+    if was and data.files:
+        changes = [(f, "changed") for f in natural_sorted(set(was) & set(data.files)) if was[f] != data.files[f]]
+        changes += [(f, "added") for f in natural_sorted(set(data.files) - set(was))]
+        changes += [(f, "removed") for f in natural_sorted(set(was) - set(data.files))]
+        if changes:
+            more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
+            parts.append("files: " + ", ".join(f"{f} {how}" for f, how in changes[:shown]) + more)
     return (f"fingerprint {state.get('data_fingerprint')} -> {data.fingerprint}: " + ", ".join(parts))
 
 
-RESUMABLE_CHANGES = ("root", "device", "num_workers", "epochs", "cache_dir")  # where the data lives and what runs it: free
 
 
 def _settings_changed(saved: dict, cfg: RunConfig) -> list[str]:
-    """Settings that differ between the run and `cfg`, apart from RESUMABLE_CHANGES (data that moved,
+    """Settings that differ between the run and `cfg`, apart from config.RESUMABLE (data that moved,
     another device or loader; `epochs` is given to a resume explicitly)."""
     now = cfg.to_dict()
     changed = []
     for section in ("data", "model", "augment", "train", "inference"):
         for key, value in now[section].items():
             old = saved.get(section, {}).get(key, value)
-            if key not in RESUMABLE_CHANGES and (list(old) if isinstance(old, tuple) else old) != \
+            if key not in RESUMABLE and (list(old) if isinstance(old, tuple) else old) != \
                     (list(value) if isinstance(value, tuple) else value):
                 changed.append(f"{key} {old!r} -> {value!r}")
     return changed
@@ -392,7 +402,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
         on_epoch_end: Callable[[int, dict], None] | None = None, dataset: LoadedDataset | None = None,
         split: Mapping | None = None, overwrite: bool = False, allow_changed_data: bool = False,
         epochs: int | None = None, clock: Callable[[], float] = time.perf_counter,
-        world: Distributed | None = None) -> dict:
+        world: Distributed | None = None, review: bool = True) -> dict:
     """Train per `cfg`, writing the run folder described above. Returns the final summary dict.
 
     `dataset` is the data already read by `load_dataset` (read here when not given); `split` a fixed
@@ -403,11 +413,39 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
 
     Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its share of the run
     (distributed.py; the module docstring above); every process returns the summary. `world` overrides
-    the environment: `distributed.SINGLE` trains in this process alone (a cross-validation fold)."""
+    the environment: `distributed.SINGLE` trains in this process alone (a cross-validation fold).
+    `review`: fit the needs-review decision on the validation split (RUN/confidence.json; a
+    cross-validation fits its own out of fold instead)."""
     session = distributed.session(select_device(cfg.train.device)) if world is None else contextlib.nullcontext(world)
+    out = Path(out_dir)
+    # a fresh run that will claim the folder (new, empty or --overwrite): on a failure before its first
+    # last.pt, what it wrote is removed, so no half-started run folder is left to refuse the next start
+    created = not out.exists()
+    fresh = not resume and (overwrite or created or (out.is_dir() and not any(out.iterdir())))
     with session as dist:
-        return _fit(cfg, Path(out_dir), resume, progress, on_epoch_end, dataset, split, overwrite,
-                    allow_changed_data, epochs, clock, dist)
+        try:
+            summary = _fit(cfg, out, resume, progress, on_epoch_end, dataset, split, overwrite,
+                           allow_changed_data, epochs, clock, dist)
+        except BaseException:
+            if fresh and dist.is_main:
+                _discard_unstarted_run(out, created)
+            raise
+        if review and dist.is_main:
+            val_names = load_split(Path(out_dir) / "splits.json")["val"]
+            summary["review"] = fit_review_on_validation(Path(out_dir), cfg, val_names)
+        return summary
+
+
+def _discard_unstarted_run(out: Path, created: bool) -> None:
+    """After a fresh run failed: without a last.pt nothing in `out` can be resumed or used, so remove the
+    run's files (and the folder when this run `created` it and it is left empty)."""
+    if not out.is_dir() or (out / "last.pt").is_file():
+        return
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    remove_stale_temps(out)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _resume_state(out: Path, cfg: RunConfig, data: LoadedDataset, allow_changed_data: bool,
@@ -544,6 +582,7 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
     batch_augment = BatchAugment(cfg.augment, cfg.data.size) if on_batches else None
     dataset_ = AugmentedPairs(train_set, None if on_batches else build_augmentation(cfg.augment, cfg.data.size),
                               tc.seed)
+    data_files = data.files  # each file's hash, in last.pt: a resume on changed data names the files
     del data  # the letterboxed cache is all training needs from here on
 
     run_config = state["config"] if state is not None else cfg.to_dict()  # a resume keeps the original
@@ -624,7 +663,7 @@ def _fit(cfg: RunConfig, out: Path, resume: bool, progress: bool, on_epoch_end, 
             save_checkpoint(out / "last.pt", {
                 **payload(epoch, row), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "best_dice": best_dice, "history": history, "planned_epochs": plan["epochs"],
-                "elapsed_s": elapsed, "world_size": dist.world_size,
+                "elapsed_s": elapsed, "world_size": dist.world_size, "data_files": data_files,
                 **({"train_model": model.state_dict(), "ema": ema.state_dict()} if ema is not None else {}),
             })
             last_flush = clock()
@@ -695,11 +734,7 @@ def _fit_epochs_to_budget(plan: dict, budget_s: float, elapsed_s: float, history
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(out / "metrics.csv", buf.getvalue())
+    write_csv(out / "metrics.csv", history, list(history[0]))
 
 
 def train_model(data: str | Path, out: str | Path, preset: str = "default", overwrite: bool = False,
@@ -714,5 +749,5 @@ def resumed_config(run: str | Path, data_root: str | Path | None = None) -> RunC
     """The config of the run in `run` (its data at `data_root` if the data has moved)."""
     cfg = RunConfig.load(Path(run) / "config.json")
     if data_root is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=os.path.abspath(data_root)))
     return cfg

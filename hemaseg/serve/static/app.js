@@ -139,7 +139,9 @@ function showResult(r) {
   showSize(r.measurements);
   // an empty mask is a finding too: with weak evidence it says "no lesion found - review", never "100 %"
   $("confidence").textContent = `${r.finding} (confidence ${Math.round(100 * r.confidence)} %)`;
+  $("confidence").title = r.review_reason;  // why it needs review (or not), on hover
   $("confidence").classList.toggle("review", r.needs_review);
+  $("review-reason").textContent = r.needs_review ? `Needs review: ${r.review_reason}` : "";
   $("image-size").textContent = `${r.image.width} × ${r.image.height} px, ${r.image.format}`;
   $("latency").textContent = `${Math.round(r.latency_ms)} ms`;
   for (const [id, b64] of [["download-mask", r.mask_png], ["download-overlay", r.overlay_png]]) {

@@ -1,0 +1,64 @@
+"""A plain training run's review decision, fitted on its own validation split.
+
+`hemaseg cv` fits the review head out of fold; a run trained with `hemaseg train` (or `train_model`) has
+only its validation split held out, so the head and its cut are fitted there, on scans the weights were
+not trained on (best.pt was picked on them, so the figures are somewhat optimistic; the file says so).
+Too few validation scans, or no failure among them, leave the rule of last resort in charge
+(`inference.review.decide`) and RUN/confidence.json says why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hemaseg.config import RunConfig
+from hemaseg.evaluation.decisions import MISS_WEIGHT, choose_review_threshold
+from hemaseg.evaluation.evaluate import evaluate, failures
+from hemaseg.inference.predictor import load_model
+from hemaseg.inference.review import MIN_ROWS_TO_FIT, ReviewHead, review_features
+from hemaseg.io import atomic_write_text, json_safe
+
+log = logging.getLogger(__name__)
+
+TRUSTED_VAL_SCANS = 20  # fewer validation scans (or no failure among them): the fitted cut is not to be trusted
+
+
+def fit_review_on_validation(run: Path, cfg: RunConfig, val_names: Sequence[str]) -> dict:
+    """Score best.pt on the validation scans, fit the review head and its cut there, write
+    RUN/confidence.json (what `load_model(run)` reads). Returns what was written."""
+    if not val_names:
+        review = {"threshold": None, "fitted_on": None,
+                  "method": "rule of last resort (no validation split to fit a review decision on)"}
+        atomic_write_text(run / "confidence.json", json.dumps(review, indent=2))
+        return review
+    predictor = load_model(run, device=cfg.train.device, postprocess=False, backend="torch")
+    rows = evaluate(predictor, cfg.data.root, names=val_names, mask_threshold=cfg.data.mask_threshold,
+                    labels=cfg.data.labels, keep_masks=True, max_pixels=cfg.data.max_pixels,
+                    progress=False)["rows"]
+    failed, missed = failures(rows)
+    n, n_failed = len(rows), int(failed.sum())
+    where = f"the validation split of this training run ({n} scans, {n_failed} failures; best.pt was chosen on them)"
+    x = np.stack([review_features(r["prob"], r["pred"], predictor.threshold) for r in rows])
+    head = ReviewHead.fit(x, ~failed, weights=np.where(missed, MISS_WEIGHT, 1.0))
+    if head is None:
+        review = {"threshold": None, "fitted_on": None, "n": n, "n_failed": n_failed,
+                  "method": f"rule of last resort: {n} validation scans with {n_failed} failures are too few "
+                            f"to fit a review head (it needs {MIN_ROWS_TO_FIT} scans and both outcomes)"}
+        log.warning("%s: no review decision fitted (%s); every 'no lesion' will be flagged for review",
+                    run, review["method"])
+    else:
+        scores = np.round(head.score_features(x), 4)
+        dice = np.array([r["dice"] for r in rows], np.float64)
+        review = {**choose_review_threshold(scores, failed, dice, missed), "head": head.to_dict(),
+                  "fitted_on": where, "method": f"review head (a miss weighs {MISS_WEIGHT:g} failures), fitted and "
+                                                "cut on the validation split"}
+        if n < TRUSTED_VAL_SCANS or not failed.any():
+            log.warning("%s: the review decision was fitted on %d validation scans with %d failures: too few to "
+                        "trust; run `hemaseg cv` for an out-of-fold one", run, n, n_failed)
+    atomic_write_text(run / "confidence.json", json.dumps(json_safe(review), indent=2))
+    return review

@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict every scan of DATA with RUN's model and write per-image metrics "
                                    "(per_image.csv), summary.json, report.html and, for pairs that could not be "
                                    "read, errors.csv (exit status 1).")
-    p.add_argument("run", help="run folder, cross-validation run folder or checkpoint file")
+    p.add_argument("run", help="run folder, cross-validation run folder, checkpoint file, or 'ultrasound' (the "
+                                "model shipped with hemaseg)")
     p.add_argument("data", help="labelled dataset folder")
     p.add_argument("--out", help="output folder (default RUN/eval)")
     p.add_argument("--split", choices=["all", "val", "train"], default="all",
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN's best model as ONNX with dynamic batch/height/width and the "
                                    "preprocessing (letterbox size, normalisation, threshold) in its metadata. "
                                    "ONNX Runtime's output is checked against PyTorch before the file is written.")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("run", help="run folder, checkpoint file, or 'ultrasound' (the model shipped with hemaseg)")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
     p.add_argument("--out", help="file to write (default RUN/model.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
@@ -451,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and a versioned JSON API (POST /v1/segment, GET /v1/model, GET /healthz, "
                                    "GET /readyz; schema at /openapi.json). Uploads stay in memory and are not "
                                    "logged. Needs the serving dependencies (fastapi, uvicorn, python-multipart).")
-    p.add_argument("run", help="run folder, cross-validation run folder or checkpoint file")
+    p.add_argument("run", help="run folder, cross-validation run folder, checkpoint file, or 'ultrasound' (the "
+                                "model shipped with hemaseg)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
                         "network, so set an API key)")
@@ -529,14 +531,16 @@ def cmd_synth(args) -> int:
         from hemaseg.data.series import write_synthetic_series
 
         table = write_synthetic_series(args.out, seed=args.seed)
-        print(f"wrote a synthetic follow-up (one patient, one lesion, 8 visits) to {args.out}; track it with "
-              f"`hemaseg track {table} --out OUT`")
+        if not args.quiet:
+            print(f"wrote a synthetic follow-up (one patient, one lesion, 8 visits) to {args.out}; track it with "
+                  f"`hemaseg track {table} --out OUT`")
         return 0
     from hemaseg.data.synth import write_synthetic_dataset
 
     t = time.perf_counter()
     out = write_synthetic_dataset(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet)
-    print(f"wrote {args.n} scans to {out}/images and {out}/mask in {time.perf_counter() - t:.1f} s")
+    if not args.quiet:
+        print(f"wrote {args.n} scans to {out}/images and {out}/mask in {time.perf_counter() - t:.1f} s")
     return 0
 
 

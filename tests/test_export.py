@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -56,3 +58,14 @@ def test_cli_predict_with_onnxruntime_matches_torch(tiny_run, tmp_path):
     differ = sum(int((a != b).sum()) for a, b in zip(masks["torch"], masks["onnxruntime"]))
     total = sum(a.size for a in masks["torch"])
     assert differ / total <= 1e-3
+
+
+def test_exporting_the_shipped_model_writes_into_the_working_folder_not_the_install(tmp_path, monkeypatch):
+    from hemaseg.inference.export import export_onnx
+    from hemaseg.models.pretrained import WEIGHTS_DIR
+
+    before = sorted(p.name for p in WEIGHTS_DIR.iterdir())
+    monkeypatch.chdir(tmp_path)
+    result = export_onnx("ultrasound")
+    assert result.path == Path("ultrasound.onnx") and (tmp_path / "ultrasound.onnx").is_file()
+    assert sorted(p.name for p in WEIGHTS_DIR.iterdir()) == before

@@ -22,6 +22,7 @@ from hemaseg import __version__
 from hemaseg.inference.onnx import DEFAULT_OPSET, OnnxRuntimeBackend, onnx_bytes
 from hemaseg.inference.predictor import Predictor
 from hemaseg.io import atomic_write_bytes
+from hemaseg.models.pretrained import WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def onnx_metadata(predictor) -> dict[str, str]:
 
 def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int = DEFAULT_OPSET,
                 atol: float = PARITY_ATOL) -> ExportResult:
-    """Write `out_path` (default RUN/model.onnx) from a Predictor or a run folder / checkpoint.
+    """Write `out_path` (default RUN/model.onnx; for a shipped model NAME.onnx here) from a Predictor or a run
+    folder / checkpoint / shipped model's name.
 
     Before anything is written, ONNX Runtime runs the export on a random (2, 1, S, S) input and its
     logits are compared with eager PyTorch; a difference above `atol` raises RuntimeError. The file is
@@ -85,7 +87,8 @@ def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int
         ckpt = Path(predictor.metadata.get("checkpoint") or "")
         if not ckpt.name:
             raise ValueError("this Predictor did not come from a checkpoint; pass out_path")
-        out_path = ckpt.parent / "model.onnx"
+        # a run's folder; a model shipped in the package goes to the working folder, not into the install
+        out_path = Path(f"{ckpt.stem}.onnx") if ckpt.parent == WEIGHTS_DIR else ckpt.parent / "model.onnx"
     out_path = Path(out_path)
     metadata = onnx_metadata(predictor)
     data = onnx_bytes(predictor.model, opset, metadata)

@@ -111,7 +111,8 @@ def main(argv=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     folds = make_folds(base, root, 5, seed=0)
     d = base.data  # build the training cache now, so the first encoder's CPU time does not pay for it
-    open_or_build(loaded.samples, loaded.fingerprint, d.size, d.mask_threshold, d.labels, d.max_pixels, d.cache_dir)
+    open_or_build(loaded.samples, loaded.fingerprint, d.size, d.mask_threshold, d.labels, d.max_pixels,
+                  d.cache_dir)
     previous = RESULTS / "encoders.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
     same = old.get("dataset") == args.dataset and old.get("budget") == budget

@@ -22,8 +22,10 @@ VARIANTS = ("lite0", "lite1", "lite2")
 CHECKPOINT_VALUES = {"lite0": 4_694_073, "lite1": 5_470_408, "lite2": 6_150_232}
 STAGE_WIDTHS = {"lite0": (16, 24, 40, 80, 112, 192, 320), "lite1": (16, 24, 40, 80, 112, 192, 320),
                 "lite2": (16, 24, 48, 88, 120, 208, 352)}
-STAGE_REPEATS = {"lite0": (1, 2, 2, 3, 3, 4, 1), "lite1": (1, 3, 3, 4, 4, 5, 1), "lite2": (1, 3, 3, 4, 4, 5, 1)}
-SKIP_CHANNELS = {"lite0": (16, 24, 40, 112, 320), "lite1": (16, 24, 40, 112, 320), "lite2": (16, 24, 48, 120, 352)}
+STAGE_REPEATS = {"lite0": (1, 2, 2, 3, 3, 4, 1), "lite1": (1, 3, 3, 4, 4, 5, 1),
+                 "lite2": (1, 3, 3, 4, 4, 5, 1)}
+SKIP_CHANNELS = {"lite0": (16, 24, 40, 112, 320), "lite1": (16, 24, 40, 112, 320),
+                 "lite2": (16, 24, 48, 120, 352)}
 PARAMETERS = {"lite0": 3_351_001, "lite1": 4_115_673, "lite2": 4_776_601}  # the whole UNet, 1 input channel
 HEAD = {"_fc.weight", "_fc.bias", "_conv_head.weight"} | {
     f"_bn1.{s}" for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
@@ -129,8 +131,8 @@ def test_a_lite2_run_starts_from_imagenet_trains_predicts_and_exports(tiny_data,
     import hemaseg
     from hemaseg.inference.export import export_onnx
 
-    summary = hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet", arch="efficientnet-lite2-unet",
-                                  size=64, epochs=1, progress=False)
+    summary = hemaseg.train_model(tiny_data, tmp_path / "run", preset="imagenet",
+                                  arch="efficientnet-lite2-unet", size=64, epochs=1, progress=False)
     assert summary["epochs"] == 1
     model = hemaseg.load_model(tmp_path / "run", device="cpu", backend="torch-fast")  # BN folded
     assert model.config.model.arch == "efficientnet-lite2-unet"

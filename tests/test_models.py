@@ -45,7 +45,8 @@ def test_unknown_names_list_the_valid_ones():
         ModelConfig(arch="resnet")
     with pytest.raises(ValueError, match="batch"):
         ModelConfig(norm="layer")
-    assert set(MODELS) == {"seed", "unet", "efficientnet-lite0-unet"} == set(ARCHS)
+    lite = {f"efficientnet-lite{k}-unet" for k in (0, 1, 2)}
+    assert set(MODELS) == {"seed", "unet", *lite} == set(ARCHS)
 
 
 @pytest.mark.skipif(not (SHARED_DATA.parent / "reference" / "seed_unet.py").is_file(), reason="../shared absent")

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+BASE_STATIC = Path(__file__).parent / "web_static"  # the pages' shared stylesheet, served at /base/
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -41,6 +45,12 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def mount_static(app: FastAPI, own: Path) -> None:
+    """The app's own static files at /static/ and the shared stylesheet at /base/."""
+    app.mount("/static", StaticFiles(directory=own), name="static")
+    app.mount("/base", StaticFiles(directory=BASE_STATIC), name="base")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -153,7 +153,10 @@ def test_page_and_static_files_are_served_without_cdn(client):
     for name in ("app.js", "style.css"):
         r = client.get(f"/static/{name}")
         assert r.status_code == 200
-    for text in (page.text, client.get("/static/app.js").text, client.get("/static/style.css").text):
+    base = client.get("/base/base.css")  # the stylesheet the service's and the labelling page share
+    assert base.status_code == 200 and base.headers["content-type"].startswith("text/css") and "--accent" in base.text
+    assert 'href="/base/base.css"' in page.text
+    for text in (page.text, client.get("/static/app.js").text, client.get("/static/style.css").text, base.text):
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
 
 

@@ -51,7 +51,6 @@ from urllib.parse import urlsplit
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, Response
-from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -65,7 +64,8 @@ from hemaseg.label.worklist import Proposal, Worklist, progress_text
 from hemaseg.lesions import find_lesions
 from hemaseg.spacing import Spacing, parse_pixel_spacing
 from hemaseg.web import (
-    MULTIPART_SLACK, SECURITY_HEADERS, ApiError, api_key_check, error_response, install_error_handlers, read_body,
+    MULTIPART_SLACK, SECURITY_HEADERS, ApiError, api_key_check, error_response, install_error_handlers, mount_static,
+    read_body,
 )
 
 log = logging.getLogger(__name__)
@@ -646,7 +646,7 @@ def create_app(scans, dataset: str | Path, model=None, settings: LabelSettings |
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "label.html", media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    mount_static(app, STATIC_DIR)
     return app
 
 

@@ -30,7 +30,6 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -42,7 +41,9 @@ from hemaseg.render import overlay_contours
 from hemaseg.inference.predictor import Prediction, Predictor, load_model
 from hemaseg.io import atomic_write_bytes, json_safe, png_bytes
 from hemaseg.spacing import Spacing, parse_pixel_spacing
-from hemaseg.web import MULTIPART_SLACK, SECURITY_HEADERS, ApiError, api_key_check, install_error_handlers, read_body
+from hemaseg.web import (
+    MULTIPART_SLACK, SECURITY_HEADERS, ApiError, api_key_check, install_error_handlers, mount_static, read_body,
+)
 from hemaseg.lesions import find_lesions
 from hemaseg.measure.scan import measure_scan
 
@@ -591,5 +592,5 @@ def create_app(predictor_or_run: Predictor | str | Path, settings: Settings | No
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    mount_static(app, STATIC_DIR)
     return app

@@ -93,6 +93,19 @@ def test_page_segments_a_scan_by_keyboard_and_shows_the_api_numbers(browser, ser
     page.wait_for_function("id => { const r = document.getElementById('result'); "
                            "return r.dataset.state === 'done' && r.dataset.requestId !== id; }", arg=second_id)
     assert "pixel_spacing parameter" in page.inner_text("#calibration")
+    assert page.get_attribute("#size", "data-mm")  # in mm
+
+    # a decimal comma is one: "0,1" is 0.1 mm, not x = 0 and y = 1
+    third_id = page.get_attribute("#result", "data-request-id")
+    page.fill("#pixel-spacing", "0,1")
+    page.keyboard.press("Tab")
+    page.wait_for_function("id => { const r = document.getElementById('result'); "
+                           "return r.dataset.state === 'done' && r.dataset.requestId !== id; }", arg=third_id)
+    assert page.inner_text("#error") == "" and "pixel_spacing parameter" in page.inner_text("#calibration")
+    shown_mm = float(page.get_attribute("#size", "data-mm"))
+    r = httpx.post(f"{server}/v1/segment", params={"pixel_spacing": "0.1", "threshold": "0.45"},
+                   files={"file": ("scan.png", scan_file.read_bytes(), "image/png")}, timeout=60).json()
+    assert shown_mm == pytest.approx(r["measurements"]["longest_diameter_mm"])  # the page sent 0.1, not 0 and 1
 
     page.focus("#show-mask")
     page.keyboard.press("Space")

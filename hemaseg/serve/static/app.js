@@ -114,6 +114,19 @@ function draw() {
   $("drop-zone").classList.add("has-image");
 }
 
+// The typed pixel spacing as the API takes it ("x" or "x,y" in mm). A decimal comma is read as one: "0,1" is
+// 0.1 mm (a spacing of 0 is never meant), "0,1;0,12" or "0,1 0,12" are x and y; with a point, a comma
+// separates x and y as before ("0.1,0.12").
+function spacingParam(text) {
+  const t = text.trim();
+  if (!t || t.includes(".")) return t;
+  const parts = t.split(/\s*[;\s]\s*/).filter(Boolean);
+  if (parts.length <= 2 && parts.every((p) => /^\d*,?\d+$/.test(p))) {
+    return parts.map((p) => p.replace(",", ".")).join(",");
+  }
+  return t;
+}
+
 // millimetres only when the scan (or the pixel-spacing field) gave a calibration; else pixels, and why
 function showSize(m) {
   const sp = m.spacing;
@@ -165,7 +178,7 @@ async function segment() {
   let response;
   try {
     const query = new URLSearchParams({ threshold });
-    const spacing = $("pixel-spacing").value.trim();
+    const spacing = spacingParam($("pixel-spacing").value);
     if (spacing) query.set("pixel_spacing", spacing);
     response = await fetch(`/v1/segment?${query}`, { method: "POST", body: form, headers: headers() });
   } catch (_) {
@@ -181,6 +194,8 @@ async function segment() {
     if (seq !== state.seq) return;
     $("status").textContent = "";
     $("result").dataset.state = "error";
+    $("size").textContent = "–";  // never an earlier scan's or setting's millimetres beside the error
+    $("calibration").textContent = "";
     showError(err.code, err.message);
     return;
   }

@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["png", "labelme"], default="png",
                    help="png: masks, overlays and CSVs in --out (default); labelme: also NAME.json beside each "
                         "scan, each lesion's outline as a LabelMe polygon (imageData null) to correct in LabelMe "
-                        "and train on; an existing NAME.json is never overwritten")
+                        "and train on, flagged unreviewed until unticked; DICOM scans go to --out/labelme/ as "
+                        "NAME.png + NAME.json + NAME.calibration.json; an existing NAME.json is never overwritten")
     p.add_argument("--tolerance", type=float, metavar="PX",
                    help="with --format labelme: simplify the outlines so that every traced border point stays "
                         "within PX pixels of the polygon (default 1; 0 keeps every corner of the traced outline)")
@@ -696,9 +697,19 @@ def cmd_predict(args) -> int:
           f"overlays, predictions.csv, lesions.csv and manifest.jsonl in {args.out}"
           + (f" ({result.skipped} input(s) done before, skipped)" if result.skipped else ""))
     if labelme:
-        print(f"LabelMe outlines (tolerance {tolerance:g} px) written beside {len(result.labelme)} scan(s)"
+        from hemaseg.data.formats import UNREVIEWED_FLAG
+        from hemaseg.inference.files import LABELME_DIR
+
+        folder = Path(args.out) / LABELME_DIR
+        in_out = sum(p.parent == folder for p in result.labelme)
+        where = [f"{len(result.labelme) - in_out} beside their scans"] if len(result.labelme) > in_out else []
+        where += [f"{in_out} DICOM scan(s) as NAME.png + NAME.json + NAME.calibration.json in {folder}"] if in_out else []
+        print(f"LabelMe outlines (tolerance {tolerance:g} px), marked unreviewed (file flag {UNREVIEWED_FLAG}): "
+              + ("; ".join(where) or "none written")
               + (f"; {len(result.labelme_kept)} existing NAME.json kept (they may hold corrections)"
-                 if result.labelme_kept else "") + "; correct them in LabelMe, then: hemaseg train FOLDER")
+                 if result.labelme_kept else "")
+              + f"; correct them in LabelMe, untick {UNREVIEWED_FLAG} on each you checked, then: hemaseg train "
+              + "FOLDER" + (f" (for the DICOM scans: hemaseg train {folder})" if in_out else ""))
     return _exit_status(result.errors, "image(s) could not be read", args.out)
 
 
@@ -737,10 +748,11 @@ def cmd_track(args) -> int:
                    raw_patient_id=args.raw_patient_id, mask_threshold=args.mask_threshold,
                    max_pixels=args.max_pixels or DataConfig.max_pixels)
     print(f"tracked {len(result.curves)} lesion(s) of {len(result.pages)} patient(s) over {len(result.visits)} "
-          f"visit(s): visits.csv, scans.csv, curves/ and patients/ in {args.out}")
-    print("status rules:")
-    for line in rules.describe():
-        print(f"  {line}")
+          f"visit(s): index.html, visits.csv, scans.csv, curves/ and patients/ in {args.out}")
+    if not args.quiet:
+        print("status rules:")
+        for line in rules.describe():
+            print(f"  {line}")
     return _exit_status(result.errors, "row(s) could not be tracked", args.out)
 
 

@@ -298,3 +298,14 @@ def test_measure_masks_writes_a_dicom_sr_for_calibrated_dicom_scans_only(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["cal_sr.dcm", "lesions.csv", "measurements.csv"]
     assert len(hd.sr.srread(out / "cal_sr.dcm").content.get_planar_roi_measurement_groups()) == 1
     assert main(["-q", "measure", "--masks", str(masks), str(scans), "--out", str(out), "--dicom-seg"]) == 2
+
+
+def test_predict_dicom_sr_on_a_png_says_why_it_wrote_none(tiny_run, tiny_data, tmp_path, caplog):
+    from hemaseg.cli import main
+
+    scan = sorted((tiny_data / "images").iterdir())[0]
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "predict", str(tiny_run), str(scan), "--out", str(tmp_path / "p"), "--dicom-sr",
+                     "--backend", "torch"]) == 0
+    assert any("not a DICOM file, so no DICOM SR" in r.getMessage() for r in caplog.records)
+    assert not list((tmp_path / "p").glob("*.dcm"))

@@ -9,14 +9,21 @@ were written, and is written (with `errors.csv`) even when the run is interrupte
 With `labelme_tolerance` each scan also gets NAME.json beside it (not in the output folder: LabelMe opens
 a folder and finds each image's JSON next to it): its lesions as LabelMe polygons, imageData null, for a
 clinician to correct and save; `hemaseg train` then reads the corrected outlines as masks
-(`data.formats`). A JSON already there is never overwritten, since it may hold corrections.
+(`data.formats`). Each file is flagged `formats.UNREVIEWED_FLAG` (a checkbox in LabelMe) until someone
+unticks it, so check and train can count the proposals nobody reviewed. A DICOM scan, which LabelMe cannot
+open, goes to OUT/labelme/ instead, never beside the DICOM: NAME.png (its decoded pixels only, no header),
+NAME.json and NAME.calibration.json (the spacing used and its source, or why there is none); NAME is the
+file's stem unless that holds the Patient ID or Name (`data.dicom.neutral_name`). A JSON already there is
+never overwritten, since it may hold corrections.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,7 +41,7 @@ from hemaseg.render import overlay_contours
 from hemaseg.data.listing import collect_inputs, read_frames
 from hemaseg.inference import manifest
 from hemaseg.inference.predictor import Predictor
-from hemaseg.io import atomic_write_bytes, png_bytes, remove_stale_temps
+from hemaseg.io import atomic_write_bytes, gray_to_png, png_bytes, remove_stale_temps
 from hemaseg.spacing import Spacing
 from hemaseg.measure.tables import PredictResult, write_tables
 from hemaseg.measure.scan import IMAGE_COLUMNS, measure_scan
@@ -76,13 +83,37 @@ def _write_outputs(files: dict[Path, bytes]) -> None:
         raise
 
 
-def _labelme_target(path: Path, name: str, decoded: Decoded) -> tuple[Path | None, str | None]:
-    """Where a scan's LabelMe file goes (beside it, NAME.json), or why it gets none."""
+LABELME_DIR = "labelme"  # OUT/labelme/: DICOM scans as PNG + LabelMe JSON + calibration sidecar
+_UID_LIKE = re.compile(r"\d+(\.\d+){3,}")  # 1.2.840.113619...: a DICOM UID in a file name
+
+
+def _labelme_target(path: Path, name: str, decoded: Decoded, out: Path) -> tuple[Path | None, str | None]:
+    """Where a scan's LabelMe file goes (beside it, NAME.json; a DICOM's in OUT/labelme/), or why it gets
+    none."""
     if decoded.dicom is not None:
-        return None, f"{path}: LabelMe cannot open DICOM files (save the scans as PNG to correct them in LabelMe)"
+        from hemaseg.data.dicom import neutral_name
+
+        name = neutral_name(name, decoded.gray, path, is_dicom=True)
+        if _UID_LIKE.search(name):  # files named after their SOP Instance UID: a UID is an identifier too
+            name = "scan-" + hashlib.sha256(np.ascontiguousarray(decoded.gray).tobytes()).hexdigest()[:12]
+        return out / LABELME_DIR / f"{name}.json", None
     if name != path.stem:
         return None, f"{path}: one LabelMe file beside a scan cannot hold the outlines of several frames"
     return path.with_suffix(".json"), None
+
+
+def _dicom_for_labelme(json_path: Path, decoded: Decoded, measured, frame: int | None) -> dict[Path, bytes]:
+    """NAME.png (the decoded pixels, nothing from the header) and NAME.calibration.json beside a DICOM
+    scan's LabelMe file: an allow-list of the spacing, its source, the calibration note and whether text
+    may be burned into the pixels; no identifier, UID or date."""
+    sp = measured.measurement.spacing
+    h, w = decoded.gray.shape
+    sidecar = {"image": json_path.with_suffix(".png").name, "width": int(w), "height": int(h), "frame": frame,
+               "pixel_spacing": None if sp is None else sp.to_dict(), "calibration_note": measured.calibration_note,
+               "burned_in_annotation": decoded.dicom.burned_in_annotation,
+               "note": "the spacing hemaseg chose for the lesions it predicted (an ultrasound region holds them)"}
+    return {json_path.with_suffix(".png"): gray_to_png(decoded.gray),
+            json_path.with_suffix(".calibration.json"): (json.dumps(sidecar, indent=2) + "\n").encode()}
 
 
 def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -99,8 +130,10 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | os.PathLike], out
     `dicom_sr` / `dicom_seg`: for DICOM inputs also NAME_sr.dcm / NAME_seg.dcm (`measure.dicom_out`,
     `model_name` recorded in them); one that cannot be made (no mm, a cine's SEG) is a logged note.
     `labelme_tolerance` (px, e.g. `formats.LABELME_TOLERANCE_PX`): also NAME.json beside each scan, each
-    lesion's outline as a LabelMe polygon simplified to that tolerance (`formats.lesion_outlines`); not for
-    DICOM (LabelMe cannot open it) nor for the frames of a cine, and never over an existing file.
+    lesion's outline as a LabelMe polygon simplified to that tolerance (`formats.lesion_outlines`), flagged
+    unreviewed (`formats.UNREVIEWED_FLAG`), `model_name` in each shape's description; a DICOM scan's (each
+    frame's) goes to OUT/labelme/ with NAME.png and NAME.calibration.json (module docstring); not for the
+    frames of a PNG/TIFF, and never over an existing file.
 
     A scan that cannot be read is recorded and skipped (`fail_fast` raises its DataError instead). OS
     errors while writing (a full disk) stop the run: they would fail every later scan too.
@@ -252,9 +285,14 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                     for why in set(skipped) - noted:  # once per file, not once per frame of a cine
                         noted.add(why)
                         log.warning("no DICOM output: %s", why)
+                elif o.dicom_sr or o.dicom_seg:  # said, not silent: an SR or SEG references the scanner's file
+                    why = f"{path}: not a DICOM file, so no DICOM SR/SEG (they reference the scan's own DICOM file)"
+                    if why not in noted:
+                        noted.add(why)
+                        log.warning("no DICOM output: %s", why)
                 labelme = None
                 if o.labelme_tolerance is not None:
-                    labelme, why = _labelme_target(path, name, decoded)
+                    labelme, why = _labelme_target(path, name, decoded, out)
                     if why is not None and why not in noted:
                         noted.add(why)
                         log.warning("no LabelMe output: %s", why)
@@ -264,7 +302,18 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                     if labelme is not None:
                         from hemaseg.data.formats import labelme_document
 
-                        doc = labelme_document(pred.mask, path.name, o.labelme_tolerance)
+                        image_path = path.name
+                        if decoded.dicom is not None:
+                            image_path = labelme.with_suffix(".png").name
+                            outputs.update(_dicom_for_labelme(labelme, decoded, measured, index))
+                            labelme.parent.mkdir(exist_ok=True)
+                            if decoded.dicom.burned_in_annotation and "burned" not in noted:
+                                noted.add("burned")
+                                log.warning("%s: the DICOM does not say its pixels are free of burned-in text "
+                                            "(BurnedInAnnotation not NO); check the PNGs in %s before sharing "
+                                            "them", path, labelme.parent)
+                        doc = labelme_document(pred.mask, image_path, o.labelme_tolerance, proposal=True,
+                                               model=o.model_name)
                         outputs[labelme] = (json.dumps(doc, indent=2) + "\n").encode()
                 _write_outputs(outputs)
                 if labelme is not None:
@@ -280,7 +329,7 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                 result.lesions += lesions
                 entry = entries.setdefault(path, {"input": str(path), "order": i, "status": "done", "outputs": [],
                                                   "rows": [], "lesions": []})
-                entry["outputs"] += [str(p.relative_to(out)) if p.parent == out else str(p) for p in outputs]
+                entry["outputs"] += [str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in outputs]
                 entry["rows"].append(row)
                 entry["lesions"] += lesions
                 frames_left[path] -= 1

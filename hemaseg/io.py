@@ -123,6 +123,16 @@ def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
+def gray_to_png(gray: np.ndarray) -> bytes:
+    """float32 HxW in [0, 1] -> PNG bytes that decode to the same floats: 8-bit when every pixel is k/255
+    (8-bit sources, RGB through to_gray's luma), else 16-bit (DICOM with more bits stored)."""
+    g = np.clip(np.asarray(gray, np.float64), 0, 1)
+    as8 = np.round(g * 255)
+    if np.abs(g * 255 - as8).max(initial=0) < 1e-3:
+        return png_bytes(as8.astype(np.uint8))
+    return png_bytes(np.round(g * 65535).astype(np.uint16))
+
+
 def save_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 6, fsync: bool = True) -> Path:
     return atomic_write_bytes(path, png_bytes(array, compress_level), fsync)
 

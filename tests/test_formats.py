@@ -24,6 +24,7 @@ from hemaseg.data.dataset import (
 )
 from hemaseg.data.formats import (
     SUSPECT,
+    UNREVIEWED_FLAG,
     detect_format,
     fill_polygon,
     labelme_document,
@@ -526,6 +527,7 @@ def test_predict_to_labelme_correct_by_hand_then_train_on_the_corrections(tiny_r
         path = scans / f"{name}.json"
         doc = json.loads(path.read_text())
         assert doc["imageData"] is None and doc["imagePath"] == f"{name}.png"
+        assert doc["flags"] == {UNREVIEWED_FLAG: True}  # a proposal until someone unticks it
         assert all(s["shape_type"] == "polygon" and len(s["points"]) >= 3 for s in doc["shapes"])
         # the correction: the predicted outlines are replaced by the lesions' own, dragged to LabelMe's floats
         doc["shapes"] = labelme_document(mask, f"{name}.png", 1.0)["shapes"]
@@ -534,7 +536,13 @@ def test_predict_to_labelme_correct_by_hand_then_train_on_the_corrections(tiny_r
         path.write_text(json.dumps(doc, indent=2))
     again = predict_files(model, [scans], tmp_path / "out", progress=False, labelme_tolerance=1.0)
     assert len(again.labelme_kept) == len(truth) and not again.labelme  # corrections are never overwritten
+    assert check_dataset(scans).n_unreviewed == len(truth)  # corrected, but nobody unticked the flag yet
+    for name in sorted(truth)[:3]:  # reviewed: the flag unticked in LabelMe, then saved
+        doc = json.loads((scans / f"{name}.json").read_text())
+        doc["flags"][UNREVIEWED_FLAG] = False
+        (scans / f"{name}.json").write_text(json.dumps(doc, indent=2))
     data = load_dataset(scans)
+    assert data.n_unreviewed == len(truth) - 3
     read = {sample.name: load_sample(sample)[1] for sample in data.samples}
     for name, mask in truth.items():
         both = (read[name] & mask).sum() / max(1, (read[name] | mask).sum())
@@ -543,6 +551,104 @@ def test_predict_to_labelme_correct_by_hand_then_train_on_the_corrections(tiny_r
     assert summary["epochs"] == 1
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["meta"]["data_fingerprint"] == data.fingerprint
+
+
+def test_unreviewed_proposals_are_flagged_counted_by_check_and_train_and_unticking_clears_them(tmp_path, caplog):
+    root = tmp_path / "lm"
+    root.mkdir()
+    masks = _masks()
+    for i, (name, mask) in enumerate(masks.items()):
+        Image.fromarray(_scan(*mask.shape, seed=i)).save(root / f"{name}.png")
+        doc = labelme_document(mask, f"{name}.png", 1.0, proposal=name != "a", model="runs/a")
+        (root / f"{name}.json").write_text(json.dumps(doc))
+    doc = json.loads((root / "c10.json").read_text())
+    assert doc["flags"] == {UNREVIEWED_FLAG: True}
+    assert doc["shapes"] and all(s["description"] == "hemaseg proposal (runs/a)" for s in doc["shapes"])
+    assert json.loads((root / "a.json").read_text())["flags"] == {}  # drawn from a mask: nothing to review
+    report = check_dataset(root)
+    assert report.ok and report.n_unreviewed == 3 and report.to_dict()["n_unreviewed"] == 3
+    assert ("WARNING 3 of 4 masks are model proposals nobody has reviewed (LabelMe flag hemaseg_unreviewed): "
+            "untick it in LabelMe after checking each") in report.format()
+    with caplog.at_level("WARNING"):
+        assert load_dataset(root).n_unreviewed == 3
+    assert "3 of 4 masks are model proposals" in caplog.text
+    for name in ("b", "c2"):  # unticked in LabelMe and saved; the flag stays in the file, false
+        doc = json.loads((root / f"{name}.json").read_text())
+        doc["flags"][UNREVIEWED_FLAG] = False
+        (root / f"{name}.json").write_text(json.dumps(doc))
+    assert check_dataset(root).n_unreviewed == 1 and load_dataset(root).n_unreviewed == 1
+    doc = json.loads((root / "c10.json").read_text())
+    doc["flags"][UNREVIEWED_FLAG] = False
+    (root / "c10.json").write_text(json.dumps(doc))
+    report = check_dataset(root)
+    assert report.n_unreviewed == 0 and "WARNING" not in report.format()
+    convert(root, "labelme", tmp_path / "again")  # convert writes what the dataset holds: no flag
+    assert all(json.loads(p.read_text())["flags"] == {} for p in (tmp_path / "again").rglob("*.json"))
+
+
+# PS3.15 attributes, each a marker that no file predict writes for LabelMe may contain
+_WHO = {"PatientName": "Zyxwq^Qwvzx", "PatientID": "PID-4711", "PatientBirthDate": "20240102",
+        "AccessionNumber": "ACC-99", "InstitutionName": "St Elsewhere", "StudyDate": "20251231",
+        "StudyID": "STUDY-77", "ReferringPhysicianName": "Dr^Who", "StationName": "STATION-42"}
+
+
+def test_dicom_scans_go_to_the_output_folder_as_png_json_and_calibration_without_identifiers(
+        tiny_run, tmp_path, capsys, caplog):
+    from hemaseg.cli import main
+    from hemaseg.data.images import decode_image
+    from tests.dicom_files import native, save
+
+    scans = tmp_path / "scans"
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    named = native(pixels, PixelSpacing=[0.2, 0.1], BurnedInAnnotation="NO", **_WHO)
+    named.StudyInstanceUID = named.SeriesInstanceUID = "1.2.826.0.1.3680043.9999.424242"
+    save(named, scans, "scan7.dcm")
+    save(native(pixels[::-1].copy(), **_WHO), scans, "zyxwq_left.dcm")  # named after the patient
+    uid_named = native(pixels[:, ::-1].copy(), **_WHO)
+    save(uid_named, scans, f"{uid_named.SOPInstanceUID}.dcm")  # named by its UID
+    Image.fromarray(pixels).save(scans / "plain.png")
+    before = sorted(p.name for p in scans.iterdir())
+    out = tmp_path / "pred"
+    with caplog.at_level("DEBUG"):
+        assert main(["-q", "predict", str(tiny_run), str(scans), "--out", str(out), "--format", "labelme"]) == 0
+    said = capsys.readouterr().out
+    assert "marked unreviewed" in said and "3 DICOM scan(s)" in said
+    assert str(out / "labelme") in said and "1 beside their scans" in said
+    assert sorted(p.name for p in scans.iterdir()) == sorted(before + ["plain.json"])  # nothing beside a DICOM
+    folder = out / "labelme"
+    names = sorted(p.name for p in folder.iterdir())
+    assert "scan7.png" in names and "scan7.json" in names and "scan7.calibration.json" in names
+    hashed = sorted({n.split(".")[0] for n in names} - {"scan7"})
+    assert len(hashed) == 2 and all(n.startswith("scan-") for n in hashed)
+    assert len(names) == 9
+    doc = json.loads((folder / "scan7.json").read_text())
+    assert doc["imagePath"] == "scan7.png" and doc["imageData"] is None and doc["flags"] == {UNREVIEWED_FLAG: True}
+    assert np.array_equal(np.asarray(Image.open(folder / "scan7.png")), pixels)
+    np.testing.assert_allclose(decode_image(folder / "scan7.png").gray, decode_image(scans / "scan7.dcm").gray)
+    side = json.loads((folder / "scan7.calibration.json").read_text())
+    assert side["pixel_spacing"] == {"x_mm": 0.1, "y_mm": 0.2, "source": "pixel spacing (0028,0030)"}
+    assert side["image"] == "scan7.png" and side["burned_in_annotation"] is False
+    assert side["calibration_note"] is None
+    other = json.loads((folder / f"{hashed[0]}.calibration.json").read_text())
+    assert other["pixel_spacing"] is None and "no calibration" in other["calibration_note"]
+    markers = [*_WHO.values(), "Zyxwq", "Qwvzx", "9999.424242", named.SOPInstanceUID, uid_named.SOPInstanceUID]
+    for p in [*folder.iterdir(), scans / "plain.json"]:
+        for marker in [*markers, "zyxwq"]:  # the file names too (one DICOM is named after the patient)
+            assert marker not in p.name and marker.encode() not in p.read_bytes(), (p, marker)
+    assert not any(m in caplog.text for m in markers[:-2])  # the log names the input files, UIDs and all
+    # the folder trains as a LabelMe dataset, every mask a proposal nobody reviewed yet
+    assert check_dataset(folder).n_unreviewed == 3
+    # a second run keeps the (perhaps corrected) JSON files, beside the PNG scan and in OUT/labelme
+    (folder / "scan7.json").write_text(json.dumps({**doc, "shapes": []}))
+    (scans / "plain.json").write_text("{}")
+    kept = (folder / "scan7.json").read_bytes()
+    assert main(["-q", "predict", str(tiny_run), str(scans), "--out", str(tmp_path / "pred2"),
+                 "--format", "labelme"]) == 0
+    assert (scans / "plain.json").read_text() == "{}"
+    assert main(["-q", "predict", str(tiny_run), str(scans), "--out", str(out), "--format", "labelme"]) == 0
+    assert (folder / "scan7.json").read_bytes() == kept
+    assert "4 existing NAME.json kept" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_a_broken_coco_file_is_named_rather_than_the_folder_layout(tmp_path):

@@ -343,6 +343,7 @@ class CheckReport:
     lesion_labels: tuple[str, ...] = ()  # annotation formats: the labels counted as lesion
     label_counts: dict[str, int] = field(default_factory=dict)  # label -> shapes (nnU-Net: cases) with it
     notes: list[str] = field(default_factory=list)  # what the format's reader wants the user to know
+    n_unreviewed: int = 0  # masks from LabelMe files still flagged formats.UNREVIEWED_FLAG (model proposals)
 
     @property
     def ok(self) -> bool:
@@ -362,6 +363,10 @@ class CheckReport:
                       f"  labels ({unit}): " + (", ".join(f"{k} {v}" for k, v in self.label_counts.items()) or "none")
                       + f"; counted as lesion: {', '.join(self.lesion_labels) or 'none'}"]
             lines += [f"  note: {n}" for n in self.notes]
+            if self.n_unreviewed:
+                from hemaseg.data.formats import unreviewed_warning
+
+                lines.append(f"  WARNING {unreviewed_warning(self.n_unreviewed, self.n_pairs)}")
         if self.sizes:
             common = sorted(self.sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
             widths = [w for w, _ in self.sizes]
@@ -410,6 +415,7 @@ class CheckReport:
             "lesion_labels": list(self.lesion_labels),
             "label_counts": dict(self.label_counts),
             "notes": list(self.notes),
+            "n_unreviewed": self.n_unreviewed,
             "problems": [{"path": str(p.path), "problem": p.problem, "code": p.code} for p in self.problems],
         }
 
@@ -421,6 +427,7 @@ class _SampleCheck:
     lesion_fraction: float | None = None
     problems: list[DataError] = field(default_factory=list)
     label_counts: Counter = field(default_factory=Counter)
+    unreviewed: bool = False
 
 
 def _check_sample(sample: Sample, mask_threshold: float | None, max_pixels: int | None) -> _SampleCheck:
@@ -439,6 +446,7 @@ def _check_sample(sample: Sample, mask_threshold: float | None, max_pixels: int 
             read = read_annotation(sample.annotation, image.shape, max_pixels=max_pixels)
             out.problems += read.problems
             out.label_counts = read.label_counts
+            out.unreviewed = read.unreviewed
             if read.values is not None:
                 out.mask_values.append(read.values)
             if read.mask is not None:
@@ -491,6 +499,7 @@ def check_dataset(
     mask_values: Counter[tuple] = Counter()
     label_counts: Counter[str] = Counter()
     fractions: list[float] = []
+    unreviewed = 0
 
     def check(sample: Sample) -> _SampleCheck:
         return _check_sample(sample, mask_threshold, max_pixels)
@@ -508,6 +517,7 @@ def check_dataset(
             if result.lesion_fraction is not None:
                 fractions.append(result.lesion_fraction)
             problems.extend(result.problems)
+            unreviewed += result.unreviewed
     nan = float("nan")
     return CheckReport(
         root=Path(root),
@@ -525,6 +535,7 @@ def check_dataset(
         lesion_labels=pairing.lesion_labels,
         label_counts=dict(sorted(label_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         notes=list(pairing.notes),
+        n_unreviewed=unreviewed,
     )
 
 
@@ -597,6 +608,7 @@ class LoadedDataset:
     fingerprint: str
     stats: DatasetStats
     files: dict[str, str] = field(default_factory=dict)  # "folder/name" -> short sha256 of its bytes
+    n_unreviewed: int = 0  # masks from LabelMe files still flagged formats.UNREVIEWED_FLAG (model proposals)
 
 
 def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
@@ -610,7 +622,7 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
     _check_threshold(mask_threshold)
     samples = sorted(find_samples(root, labels=labels), key=lambda s: natural_key(s.name))
     fp, shapes, fractions, shared = _Fingerprint(), {}, [], {}
-    suspect = 0
+    suspect = unreviewed = 0
     for sample in tqdm(samples, desc="load", unit="img", disable=not progress, leave=False):
         fp.add_sample(sample.name)
         data = read_file(sample.image_path)
@@ -625,6 +637,7 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
             if read.mask is None:
                 raise next(p for p in read.problems if p.code != SUSPECT)
             suspect += len(read.problems)
+            unreviewed += read.unreviewed
             shapes[sample.name] = image.shape
             fractions.append(float(read.mask.mean()))
             continue
@@ -642,11 +655,15 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
     if suspect:
         logger.warning("%s: %d shape(s) cross themselves or reach outside their image; they are read as drawn "
                        "(`hemaseg check %s` lists them)", root, suspect, root)
+    if unreviewed:
+        from hemaseg.data.formats import unreviewed_warning
+
+        logger.warning("%s: %s", root, unreviewed_warning(unreviewed, len(samples)))
     longer = sorted(max(shape) for shape in shapes.values())
     stats = DatasetStats(n_pairs=len(samples), median_longer_side=longer[len(longer) // 2] if longer else 0,
                          lesion_fraction_mean=float(np.mean(fractions)) if fractions else math.nan,
                          n_empty_masks=sum(f == 0.0 for f in fractions))
-    return LoadedDataset(Path(root), samples, shapes, fp.hexdigest(), stats, fp.files)
+    return LoadedDataset(Path(root), samples, shapes, fp.hexdigest(), stats, fp.files, unreviewed)
 
 
 # --------------------------------------------------------------------------------------------- groups

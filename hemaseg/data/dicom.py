@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import io
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -618,3 +621,35 @@ def _patient_id(ds) -> str | None:
     value = element_value(ds, "PatientID")
     text = str(value).strip() if value is not None else ""
     return text or None
+
+
+def neutral_name(stem: str, gray: np.ndarray, source: Path | None = None, is_dicom: bool = False) -> str:
+    """The dataset name of a scan: its file stem, or for a DICOM file whose stem holds its Patient ID or
+    a part of its Patient Name, `scan-<first 12 hex of the pixels' SHA-256>`."""
+    if is_dicom and source is not None:
+        words = _patient_words(source)
+        low = stem.lower()
+        if any(w in low for w in words):
+            return "scan-" + hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()[:12]
+    return stem
+
+
+def _patient_words(path: Path) -> set[str]:
+    """Lower-cased Patient ID and the parts of Patient Name (3+ characters) of a DICOM file, read only to
+    compare with its file name. Nothing read here is returned to a caller that stores it."""
+    try:
+        import pydicom
+
+        with quiet():
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["SpecificCharacterSet", "PatientID", "PatientName"])
+            values = [element_value(ds, "PatientID"), element_value(ds, "PatientName")]
+    except Exception:  # noqa: BLE001 - unreadable header: the scan decoded, so treat the name as neutral
+        return set()
+    words = set()
+    for v in values:
+        text = str(v or "").strip().lower()
+        if len(text) >= 3:
+            words.add(text)
+        words.update(p for p in re.split(r"[\^\s,._-]+", text) if len(p) >= 3)
+    return words

@@ -50,6 +50,8 @@ annotated looks the same; `check` counts the empty masks.
 Writers (`convert`, `predict --format labelme`) produce files that read back through the same rules:
 COCO and CVAT are written as pixel RLE per lesion (8-connected, `hemaseg.lesions`), so they read back to
 exactly the mask; LabelMe as polygons for correction by hand (see `labelme_document` for the tolerance).
+A model's proposal is flagged `UNREVIEWED_FLAG` in the LabelMe file; `read_annotation` says so
+(`AnnotationRead.unreviewed`), and check and train count those masks until the flag is unticked.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ FORMATS = {
 LESION_LABEL = "lesion"  # the label hemaseg writes for its one class
 LABELME_TOLERANCE_PX = 1.0  # default Douglas-Peucker tolerance of the LabelMe outlines hemaseg writes
 LABELME_VERSION = "5.4.1"  # written into LabelMe files; LabelMe warns only when the major version differs
+# LabelMe file flag (a checkbox LabelMe shows beside the file) on outlines a model proposed: a mask read from a
+# file whose flag is still true is counted as unreviewed by check and train; unticking it when saving marks it
+# reviewed
+UNREVIEWED_FLAG = "hemaseg_unreviewed"
 _OUTSIDE_SLACK = 0.5  # px beyond the image edge before a shape counts as outside (no pixel centre is there)
 _FAR_PX = 1e7  # a coordinate beyond this many px is no outline of any scan (and 1e300 overflows the fill)
 _EPS = 1e-9  # slack of the centre-on-outline test: outlines through pixel centres stay exact in floating point
@@ -147,6 +153,7 @@ class AnnotationRead:
     problems: list[DataError]
     label_counts: Counter
     values: tuple | None = None  # nnU-Net: the label map's distinct values, for the check report
+    unreviewed: bool = False  # LabelMe: the file's UNREVIEWED_FLAG is still true (a model's proposal)
 
 
 # --------------------------------------------------------------------------------------------- detection
@@ -1006,7 +1013,20 @@ def read_annotation(ann: Annotation, shape: tuple[int, int], data: bytes | None 
             if part is not None:
                 mask |= part
     fatal = any(p.code != SUSPECT for p in problems)
-    return AnnotationRead(None if fatal else mask, problems, counts)
+    unreviewed = ann.format == "labelme" and is_unreviewed(doc.raw)
+    return AnnotationRead(None if fatal else mask, problems, counts, unreviewed=unreviewed)
+
+
+def is_unreviewed(labelme: object) -> bool:
+    """Whether a LabelMe document (the parsed JSON) still carries UNREVIEWED_FLAG ticked."""
+    flags = labelme.get("flags") if isinstance(labelme, dict) else None
+    return isinstance(flags, dict) and flags.get(UNREVIEWED_FLAG) is True
+
+
+def unreviewed_warning(n_unreviewed: int, n_masks: int) -> str:
+    """The line check and train print when masks come from LabelMe files nobody has reviewed."""
+    return (f"{n_unreviewed} of {n_masks} masks are model proposals nobody has reviewed (LabelMe flag "
+            f"{UNREVIEWED_FLAG}): untick it in LabelMe after checking each")
 
 
 def _shape_mask(s: _Shape, path: Path, shape: tuple[int, int], problems: list[DataError],
@@ -1271,13 +1291,17 @@ def lesion_outlines(mask: np.ndarray, tolerance: float = LABELME_TOLERANCE_PX) -
 
 
 def labelme_document(mask: np.ndarray, image_path: str, tolerance: float = LABELME_TOLERANCE_PX,
-                     label: str = LESION_LABEL) -> dict:
+                     label: str = LESION_LABEL, proposal: bool = False, model: str | None = None) -> dict:
     """A LabelMe file (as a dict) with each lesion of `mask` as a polygon shape of `label` (see
     `lesion_outlines` for the tolerance), imageData null (LabelMe loads the image from `image_path`,
-    relative to the JSON file), so a clinician can open it in LabelMe, correct the outlines and save."""
+    relative to the JSON file), so a clinician can open it in LabelMe, correct the outlines and save.
+    `proposal`: the mask is a model's (named `model`, in each shape's description), so the file is flagged
+    UNREVIEWED_FLAG until someone unticks it in LabelMe."""
     h, w = mask.shape
+    description = (f"hemaseg proposal ({model})" if model else "hemaseg proposal") if proposal else ""
     shapes = [{"label": label, "points": [[round(x, 3), round(y, 3)] for x, y in outline], "group_id": None,
-               "description": "", "shape_type": "polygon", "flags": {}, "mask": None}
+               "description": description, "shape_type": "polygon", "flags": {}, "mask": None}
               for outline in lesion_outlines(mask, tolerance)]
-    return {"version": LABELME_VERSION, "flags": {}, "shapes": shapes, "imagePath": image_path, "imageData": None,
+    flags = {UNREVIEWED_FLAG: True} if proposal else {}
+    return {"version": LABELME_VERSION, "flags": flags, "shapes": shapes, "imagePath": image_path, "imageData": None,
             "imageHeight": int(h), "imageWidth": int(w)}

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hemaseg.io import atomic_write_text, plain_cell, png_bytes, remove_stale_temps, write_csv
+from hemaseg.data.dicom import neutral_name  # noqa: F401 - the labelling page imports it from here
+from hemaseg.io import atomic_write_text, gray_to_png, plain_cell, png_bytes, remove_stale_temps, write_csv
 from hemaseg.spacing import Spacing
 
 log = logging.getLogger(__name__)
@@ -77,52 +78,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def gray_to_png(gray: np.ndarray) -> bytes:
-    """float32 HxW in [0, 1] -> PNG bytes that decode to the same floats: 8-bit when every pixel is k/255
-    (8-bit sources, RGB through to_gray's luma), else 16-bit (DICOM with more bits stored)."""
-    g = np.clip(np.asarray(gray, np.float64), 0, 1)
-    as8 = np.round(g * 255)
-    if np.abs(g * 255 - as8).max(initial=0) < 1e-3:
-        return png_bytes(as8.astype(np.uint8))
-    return png_bytes(np.round(g * 65535).astype(np.uint16))
-
-
 def mask_to_png(mask: np.ndarray) -> bytes:
     return png_bytes(np.asarray(mask, bool).astype(np.uint8) * 255)
-
-
-def neutral_name(stem: str, gray: np.ndarray, source: Path | None = None, is_dicom: bool = False) -> str:
-    """The dataset name of a scan: its file stem, or for a DICOM file whose stem holds its Patient ID or
-    a part of its Patient Name, `scan-<first 12 hex of the pixels' SHA-256>`."""
-    if is_dicom and source is not None:
-        words = _patient_words(source)
-        low = stem.lower()
-        if any(w in low for w in words):
-            return "scan-" + hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()[:12]
-    return stem
-
-
-def _patient_words(path: Path) -> set[str]:
-    """Lower-cased Patient ID and the parts of Patient Name (3+ characters) of a DICOM file, read only to
-    compare with its file name. Nothing read here is returned to a caller that stores it."""
-    from hemaseg.data.dicom import element_value, quiet
-
-    try:
-        import pydicom
-
-        with quiet():
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                                 specific_tags=["SpecificCharacterSet", "PatientID", "PatientName"])
-            values = [element_value(ds, "PatientID"), element_value(ds, "PatientName")]
-    except Exception:  # noqa: BLE001 - unreadable header: the scan decoded, so treat the name as neutral
-        return set()
-    words = set()
-    for v in values:
-        text = str(v or "").strip().lower()
-        if len(text) >= 3:
-            words.add(text)
-        words.update(p for p in re.split(r"[\^\s,._-]+", text) if len(p) >= 3)
-    return words
 
 
 def _write_temp(path: Path, data: bytes) -> Path:

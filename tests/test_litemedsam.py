@@ -226,3 +226,65 @@ def test_auto_keeps_per_stage_the_fastest_backend_that_matches(monkeypatch):
     assert record["max_abs_diff"]["decoder"]["onnxruntime"] > PARITY_ATOL >= record["max_abs_diff"]["encoder"]["onnxruntime"]
     assert set(record["ms"]["encoder"]) == {"torch", "onnxruntime"}
     assert not record["ms"]["decoder"]  # one candidate left: nothing to time
+
+
+def _no_measuring(monkeypatch):
+    """`auto` may neither export nor time anything from here on."""
+    def fail(*args, **kwargs):
+        raise AssertionError("auto measured or exported although its choice was cached")
+
+    for name in ("choose_runners", "encoder_onnx", "decoder_onnx"):
+        monkeypatch.setattr(promptable, name, fail)
+
+
+def test_a_second_auto_load_reuses_the_cached_choice(model, onnx_runner, reference, scan, tmp_path, monkeypatch):
+    """The first `auto` load measures and remembers per stage its choice (and the ONNX it chose) in
+    HEMASEG_CACHE_DIR/backends/; a second load of the same weights neither exports nor times anything and
+    runs the same backends with the same numbers."""
+    monkeypatch.setenv("HEMASEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(promptable, "AUTO_ROUNDS", {"encoder": 1, "decoder": 3})  # the choice itself is not tested
+    with monkeypatch.context() as m:  # the module's exports, not a second pair (~15 s)
+        m.setattr(promptable, "OnnxRunner", lambda model: onnx_runner)
+        first = BoxPredictor(device="cpu", backend="auto", model=model)
+    assert not first.backend_record.get("cached")
+    assert len(list((tmp_path / "backends").glob("litemedsam-*.json"))) == 1
+    onnx = {p.name.split(".")[-2] for p in (tmp_path / "backends").glob("litemedsam-*.onnx")}
+    assert onnx == {stage for stage, name in first.backend.items() if name == "onnxruntime"}
+    _no_measuring(monkeypatch)
+    second = BoxPredictor(device="cpu", backend="auto", model=model)
+    assert second.backend == first.backend and second.backend_record["cached"] is True
+    assert second.backend_record["chosen"] == first.backend_record["chosen"]
+    _, embedding = reference
+    coords, labels = BoxPredictor.prompt(scan[0].shape, box=bbox(scan[1]))
+    torch.testing.assert_close(second._decoder.decode(embedding, coords, labels)[0],
+                               first._decoder.decode(embedding, coords, labels)[0], rtol=0, atol=1e-6)
+
+
+def test_a_damaged_auto_cache_entry_is_measured_again(model, tmp_path, monkeypatch):
+    """A record that is not JSON, names an unknown backend, or whose ONNX is missing or broken: measured
+    again (a stand-in for the measuring here) and rewritten, then reused."""
+    monkeypatch.setenv("HEMASEG_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def measure(model, device):
+        calls.append(1)
+        runner = TorchRunner(model, device)
+        return {"encoder": runner, "decoder": runner}, {"chosen": {"encoder": "torch", "decoder": "torch"}}
+
+    monkeypatch.setattr(promptable, "choose_runners", measure)
+    assert BoxPredictor(device="cpu", backend="auto", model=model).backend == {"encoder": "torch", "decoder": "torch"}
+    entry, = (tmp_path / "backends").glob("litemedsam-*.json")
+    key = entry.name[:-len(".json")]
+    good = entry.read_text()
+    damages = ["{not json", '{"chosen": {"encoder": "torch", "decoder": "tensorrt"}}', '{"chosen": "torch"}',
+               '{"chosen": {"encoder": "torch", "decoder": "onnxruntime"}}',  # its ONNX missing
+               '{"chosen": {"encoder": "torch", "decoder": "onnxruntime"}}']  # its ONNX broken (written below)
+    for i, damaged in enumerate(damages):
+        entry.write_text(damaged)
+        if i == len(damages) - 1:
+            (tmp_path / "backends" / f"{key}.decoder.onnx").write_bytes(b"not an onnx model")
+        predictor = BoxPredictor(device="cpu", backend="auto", model=model)
+        assert len(calls) == i + 2 and not predictor.backend_record.get("cached")
+        assert predictor.backend == {"encoder": "torch", "decoder": "torch"} and entry.read_text() == good
+    predictor = BoxPredictor(device="cpu", backend="auto", model=model)  # rewritten: reused again
+    assert len(calls) == len(damages) + 1 and predictor.backend_record["cached"] is True

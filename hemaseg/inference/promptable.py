@@ -17,15 +17,20 @@ Backends, chosen per stage: `torch` (BN folded into the convolutions: the same n
 (encoder image -> embedding and decoder embedding + points -> logits, exported in memory by
 torch.onnx.export), `auto`: on the CPU measures both once on a sample scan and keeps, for the encoder and
 for the decoder separately, the faster one whose probabilities stay within PARITY_ATOL of eager PyTorch.
+That costs 15-20 s on 2 idle cores (the exports and the timed calls), so the choice is remembered per stage,
+with the exported ONNX of what won, in `data.cache.default_cache_dir()`/backends/ keyed as the UNet's
+(`backends.choose_backend_cached`: weights, device, CPU/GPU model, library versions); a later `auto` load
+of the same weights on the same machine neither exports nor times anything (`choose_runners_cached`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import inspect
 import io
+import json
 import logging
+import os
 import statistics
 import threading
 import time
@@ -42,9 +47,11 @@ from torch import nn
 
 from hemaseg.data.images import to_gray
 from hemaseg.device import select_device
+from hemaseg.inference.backends import _choice_key
 from hemaseg.inference.manifest import weights_fingerprint
 from hemaseg.inference.onnx import DEFAULT_OPSET, OnnxRuntimeBackend
 from hemaseg.inference.prediction import Prediction
+from hemaseg.io import atomic_write_bytes, atomic_write_text
 from hemaseg.models.fusion import fuse_conv_bn
 from hemaseg.models.litemedsam import (
     EMBED_DIM,
@@ -215,13 +222,17 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """Both graphs in ONNX Runtime on the CPU, with hemaseg's session settings (`inference.onnx`)."""
+    """Both graphs in ONNX Runtime on the CPU, with hemaseg's session settings (`inference.onnx`): exported
+    from `model`, or from the ONNX bytes given (a cached `auto` choice; a stage given none cannot run)."""
 
     name = "onnxruntime"
 
-    def __init__(self, model: LiteMedSAM):
-        self.encoder = OnnxRuntimeBackend(encoder_onnx(model)).session
-        self.decoder = OnnxRuntimeBackend(decoder_onnx(model)).session
+    def __init__(self, model: LiteMedSAM | None = None, encoder: bytes | None = None, decoder: bytes | None = None):
+        if model is not None:
+            encoder, decoder = encoder_onnx(model), decoder_onnx(model)
+        self.onnx = {"encoder": encoder, "decoder": decoder}  # what `auto` caches
+        self.encoder = OnnxRuntimeBackend(encoder).session if encoder is not None else None
+        self.decoder = OnnxRuntimeBackend(decoder).session if decoder is not None else None
 
     def encode(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.encoder.run(None, {"image": x})[0])
@@ -288,11 +299,66 @@ def choose_runners(model: LiteMedSAM, device: torch.device) -> tuple[dict, dict]
     return chosen, record
 
 
+def _auto_facts(device: torch.device) -> list[str]:
+    """What else decides `auto`'s choice besides the weights and the machine (`backends._choice_key`)."""
+    candidates = ["torch", "onnxruntime"] if device.type == "cpu" else ["torch"]
+    return ["litemedsam-auto-1", *candidates, f"parity_atol={PARITY_ATOL:g}",
+            "rounds=" + ",".join(f"{k}:{v}" for k, v in sorted(AUTO_ROUNDS.items()))]
+
+
+def _cached_runners(model: LiteMedSAM, device: torch.device, chosen: dict, folder: Path, key: str) -> dict:
+    """The runners of a remembered choice {stage: name}, ONNX from `folder`/`key`.STAGE.onnx; raises on
+    anything missing or unknown (the caller measures again)."""
+    if not isinstance(chosen, dict) or set(chosen) != {"encoder", "decoder"}:
+        raise ValueError(f"bad choice {chosen!r}")
+    made: dict[str, object] = {}
+    for name in set(chosen.values()):
+        if name == "onnxruntime":
+            onnx = {s: (folder / f"{key}.{s}.onnx").read_bytes() for s, n in chosen.items() if n == name}
+            made[name] = OnnxRunner(None, onnx.get("encoder"), onnx.get("decoder"))
+        elif name in ("torch", "torch-eager"):
+            made[name] = TorchRunner(model, device, fast=name == "torch")
+        else:
+            raise ValueError(f"unknown backend {name!r}")
+    return {stage: made[name] for stage, name in chosen.items()}
+
+
+def choose_runners_cached(model: LiteMedSAM, device: torch.device, cache_dir: str | Path | None) -> tuple[dict, dict]:
+    """`choose_runners`, remembered in `cache_dir`/backends/ (the UNet's folder and key,
+    `backends.choose_backend_cached`) with the exported ONNX of each stage ONNX Runtime won: loading the
+    same weights again on this machine neither exports nor times anything; the record says `cached: true`.
+    A damaged or incomplete entry is measured again and rewritten; without `cache_dir`, or when the cache
+    cannot be written, it measures as `choose_runners` does."""
+    if cache_dir is None:
+        return choose_runners(model, device)
+    folder = Path(cache_dir) / "backends"
+    key = "litemedsam-" + _choice_key(model, device, IMAGE_SIZE, _auto_facts(device))
+    try:
+        record = json.loads((folder / f"{key}.json").read_text())
+        return _cached_runners(model, device, record["chosen"], folder, key), {**record, "cached": True}
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - a damaged or stale cache entry is measured again
+        log.debug("backend cache %s: %s; measuring again", key, e)
+    chosen, record = choose_runners(model, device)
+    try:
+        onnx = {stage: getattr(r, "onnx", {}).get(stage) for stage, r in chosen.items() if r.name == "onnxruntime"}
+        if all(b is not None for b in onnx.values()):
+            for stage, data in onnx.items():
+                atomic_write_bytes(folder / f"{key}.{stage}.onnx", data, fsync=False)
+            atomic_write_text(folder / f"{key}.json", json.dumps(record))  # last: its presence means complete
+    except OSError as e:  # a read-only or full cache folder costs speed, not the load
+        log.debug("backend cache %s not written: %s", folder, e)
+    return chosen, record
+
+
 def make_runners(model: LiteMedSAM, backend: str, device: torch.device) -> tuple[dict, dict]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto":
-        return choose_runners(model, device)
+    if backend == "auto":  # remembered per weights, machine and libraries in the user's cache folder
+        from hemaseg.data.cache import default_cache_dir  # here: data.cache imports MONAI (~2 s)
+
+        return choose_runners_cached(model, device, default_cache_dir())
     if backend == "onnxruntime":
         if device.type != "cpu":
             log.warning("backend onnxruntime runs on the CPU; device %s is not used", device)

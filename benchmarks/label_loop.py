@@ -48,9 +48,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from box_prompt import boxes_of, dice, spread  # the same box rule and figures as the box benchmark
 from common import CREDITS, RUNS, hardware, require_data, table, write_result
 from PIL import Image
-from scipy import ndimage
 
 from hemaseg.config import resolve_config
 from hemaseg.data.dataset import find_groups, find_samples, load_dataset, load_sample, split_train_val
@@ -60,7 +60,6 @@ from hemaseg.inference.promptable import BoxPredictor
 from hemaseg.models.pretrained import check_left_out, trained_on
 from hemaseg.training.train import fit
 
-MIN_COMPONENT_PX = 10  # as benchmarks/box_prompt.py
 
 
 def lscpu_model() -> str:
@@ -70,34 +69,6 @@ def lscpu_model() -> str:
         return ""
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     return fields.get("Model name", "").strip()
-
-
-def boxes_of(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """One (x0, y0, x1, y1) per 8-connected component of >= MIN_COMPONENT_PX pixels (the whole mask's box
-    when every component is smaller); none for an empty mask."""
-    if not mask.any():
-        return []
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    boxes = []
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is not None and (labels[sl] == i).sum() >= MIN_COMPONENT_PX:
-            boxes.append((sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1))
-    if not boxes:
-        ys, xs = np.nonzero(mask)
-        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
-    return boxes
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
-
-
-def spread(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0, "median": None, "mean": None, "p10": None, "p90": None}
-    p10, p90 = np.percentile(values, [10, 90])
-    return {"n": len(values), "median": statistics.median(values), "mean": statistics.fmean(values),
-            "p10": float(p10), "p90": float(p90)}
 
 
 def save_mask(path: Path, mask: np.ndarray) -> None:
@@ -112,7 +83,7 @@ def label_scans(samples, out: Path, box_model: BoxPredictor) -> list[dict]:
     rows = []
     for s in samples:
         image, truth = load_sample(s)
-        boxes = boxes_of(truth)
+        boxes = boxes_of(truth) if truth.any() else []  # a normal scan: saved empty, no box
         t = time.perf_counter()
         box_model.embed(image)
         embed_ms = (time.perf_counter() - t) * 1000

@@ -565,7 +565,7 @@ def create_app(scans, dataset: str | Path, model=None, settings: LabelSettings |
             raise ApiError(422, "missing_prompt", "Draw a box (or add a point) first.")
         predictor = await off_loop(session.box_predictor)
         if predictor is None:
-            raise ApiError(503, "box_unavailable", session.box_error or "Box prompting is off in this session; "
+            raise ApiError(503, "box_unavailable", session.box_error or "Box prompting is off on this page; "
                                                                        "use the brush.")
         try:
             pred = await off_loop(lambda: predictor.predict(decoded.gray, box=box, points=points,

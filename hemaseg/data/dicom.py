@@ -624,14 +624,17 @@ def _patient_id(ds) -> str | None:
 
 
 def neutral_name(stem: str, gray: np.ndarray, source: Path | None = None, is_dicom: bool = False) -> str:
-    """The dataset name of a scan: its file stem, or for a DICOM file whose stem holds its Patient ID or
-    a part of its Patient Name, `scan-<first 12 hex of the pixels' SHA-256>`."""
+    """The dataset name of a scan: its file stem, or for a DICOM file whose stem holds its Patient ID, a
+    part of its Patient Name or a UID (files named after their SOP Instance UID),
+    `scan-<first 12 hex of the pixels' SHA-256>`."""
     if is_dicom and source is not None:
-        words = _patient_words(source)
         low = stem.lower()
-        if any(w in low for w in words):
+        if _UID_LIKE.search(stem) or any(w in low for w in _patient_words(source)):
             return "scan-" + hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()[:12]
     return stem
+
+
+_UID_LIKE = re.compile(r"\d+(\.\d+){3,}")  # 1.2.840.113619...: a DICOM UID in a file name
 
 
 def _patient_words(path: Path) -> set[str]:

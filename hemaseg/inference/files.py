@@ -19,11 +19,9 @@ never overwritten, since it may hold corrections.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -84,7 +82,6 @@ def _write_outputs(files: dict[Path, bytes]) -> None:
 
 
 LABELME_DIR = "labelme"  # OUT/labelme/: DICOM scans as PNG + LabelMe JSON + calibration sidecar
-_UID_LIKE = re.compile(r"\d+(\.\d+){3,}")  # 1.2.840.113619...: a DICOM UID in a file name
 
 
 def _labelme_target(path: Path, name: str, decoded: Decoded, out: Path) -> tuple[Path | None, str | None]:
@@ -94,8 +91,6 @@ def _labelme_target(path: Path, name: str, decoded: Decoded, out: Path) -> tuple
         from hemaseg.data.dicom import neutral_name
 
         name = neutral_name(name, decoded.gray, path, is_dicom=True)
-        if _UID_LIKE.search(name):  # files named after their SOP Instance UID: a UID is an identifier too
-            name = "scan-" + hashlib.sha256(np.ascontiguousarray(decoded.gray).tobytes()).hexdigest()[:12]
         return out / LABELME_DIR / f"{name}.json", None
     if name != path.stem:
         return None, f"{path}: one LabelMe file beside a scan cannot hold the outlines of several frames"

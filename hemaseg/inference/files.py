@@ -244,7 +244,14 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
 
     o = options
 
-    noted: set[str] = set()  # DICOM outputs that could not be made, logged once each
+    noted: set[str] = set()  # notes already logged: once per job, not once per scan or frame
+
+    def note(message: str, *args, key: str | None = None) -> None:
+        """Log a warning once per job (keyed by its text, or `key`)."""
+        key = key or message % args
+        if key not in noted:
+            noted.add(key)
+            log.warning(message, *args)
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=not progress)
     try:
         for start in range(0, len(items), batch_size):
@@ -277,20 +284,16 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                     files_, skipped = dicom_outputs(path, pred.mask, measured, index, out / name, sr=o.dicom_sr,
                                                     seg=o.dicom_seg, model=o.model_name, finding=pred.finding)
                     outputs.update(files_)
-                    for why in set(skipped) - noted:  # once per file, not once per frame of a cine
-                        noted.add(why)
-                        log.warning("no DICOM output: %s", why)
+                    for why in skipped:
+                        note("no DICOM output: %s", why)
                 elif o.dicom_sr or o.dicom_seg:  # said, not silent: an SR or SEG references the scanner's file
-                    why = f"{path}: not a DICOM file, so no DICOM SR/SEG (they reference the scan's own DICOM file)"
-                    if why not in noted:
-                        noted.add(why)
-                        log.warning("no DICOM output: %s", why)
+                    note("no DICOM output: %s", f"{path}: not a DICOM file, so no DICOM SR/SEG (they reference "
+                                                "the scan's own DICOM file)")
                 labelme = None
                 if o.labelme_tolerance is not None:
                     labelme, why = _labelme_target(path, name, decoded, out)
-                    if why is not None and why not in noted:
-                        noted.add(why)
-                        log.warning("no LabelMe output: %s", why)
+                    if why is not None:
+                        note("no LabelMe output: %s", why)
                     if labelme is not None and (labelme.exists() or labelme.is_symlink()):
                         result.labelme_kept.append(labelme)
                         labelme = None
@@ -302,11 +305,10 @@ def _predict_shard(predictor: Predictor, items: list[tuple[int, Path]], out: Pat
                             image_path = labelme.with_suffix(".png").name
                             outputs.update(_dicom_for_labelme(labelme, decoded, measured, index))
                             labelme.parent.mkdir(exist_ok=True)
-                            if decoded.dicom.burned_in_annotation and "burned" not in noted:
-                                noted.add("burned")
-                                log.warning("%s: the DICOM does not say its pixels are free of burned-in text "
-                                            "(BurnedInAnnotation not NO); check the PNGs in %s before sharing "
-                                            "them", path, labelme.parent)
+                            if decoded.dicom.burned_in_annotation:
+                                note("%s: the DICOM does not say its pixels are free of burned-in text "
+                                     "(BurnedInAnnotation not NO); check the PNGs in %s before sharing them",
+                                     path, labelme.parent, key="burned")
                         doc = labelme_document(pred.mask, image_path, o.labelme_tolerance, proposal=True,
                                                model=o.model_name)
                         outputs[labelme] = (json.dumps(doc, indent=2) + "\n").encode()

@@ -674,10 +674,11 @@ def cmd_predict(args) -> int:
     tolerance = (1.0 if args.tolerance is None else args.tolerance) if labelme else None
     files = collect_inputs(args.inputs)  # a wrong argument fails before the model loads and --out exists
     if prompted:
-        from hemaseg.inference.promptable import BoxedScans, read_boxes
+        from hemaseg.inference.promptable import BoxedScans, box_index, find_boxes, read_boxes
 
         boxes = read_boxes(args.boxes)
-        unboxed = [p.name for p in files if not any(Path(k).stem == p.stem or k == p.name for k in boxes)]
+        index = box_index(boxes)
+        unboxed = [p.name for p in files if find_boxes(index, p.name) is None and find_boxes(index, p.stem) is None]
         if unboxed:
             raise ValueError(f"{args.boxes}: no box for {len(unboxed)} scan(s): {', '.join(unboxed[:5])}"
                              + (" ..." if len(unboxed) > 5 else ""))

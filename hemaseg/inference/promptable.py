@@ -498,6 +498,20 @@ def read_boxes(path: str | os.PathLike) -> dict[str, list[Box]]:
     return boxes
 
 
+def box_index(boxes: dict[str, list[Box]]) -> dict[str, list[Box]]:
+    """A boxes table keyed by file name and by stem, so each scan's lookup is one dict access."""
+    return {**{Path(name).stem: b for name, b in boxes.items()}, **boxes}
+
+
+def find_boxes(index: dict[str, list[Box]], name: str) -> list[Box] | None:
+    """The boxes of the scan (or cine frame NAME_frameNNN) called `name` in a `box_index`: by its name, else
+    its cine's stem; None when the table has none."""
+    found = index.get(name)
+    if found is None and "_frame" in name:
+        found = index.get(name.rsplit("_frame", 1)[0])
+    return found
+
+
 class BoxedScans:
     """A BoxPredictor prompted from a table of boxes, behind the interface `hemaseg predict` runs
     (`inference.files`): each scan's probability is the highest over its boxes (several boxes on one scan:
@@ -510,27 +524,17 @@ class BoxedScans:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         self.box_predictor, self.boxes, self.threshold = box_predictor, boxes, float(threshold)
+        self.index = box_index(boxes)
         self.backend = "encoder {encoder}, decoder {decoder}".format(**box_predictor.backend)
         self.device = box_predictor.device
 
     def boxes_for(self, name: str) -> list[Box]:
-        """The boxes of the scan (or cine frame) called `name`: by file name, stem, or a cine's own stem."""
-        for key in (name, name.rsplit("_frame", 1)[0] if "_frame" in name else None):
-            for candidate in self.boxes:
-                if key is not None and (candidate == key or Path(candidate).stem == key):
-                    return self.boxes[candidate]
-        raise ValueError(f"no box for {name} in the boxes table (its `image` column names scans by file name "
-                         "or stem)")
-
-    def missing(self, names: Sequence[str]) -> list[str]:
-        """The names without a box (checked before a job starts)."""
-        missing = []
-        for name in names:
-            try:
-                self.boxes_for(name)
-            except ValueError:
-                missing.append(name)
-        return missing
+        """The boxes of the scan (or cine frame) called `name` (`find_boxes`)."""
+        found = find_boxes(self.index, name)
+        if found is None:
+            raise ValueError(f"no box for {name} in the boxes table (its `image` column names scans by file "
+                             "name or stem)")
+        return found
 
     def identity(self) -> dict:
         """What decides the outputs (the manifest's record): the weights and the boxes."""

@@ -93,7 +93,8 @@ class RunFolderError(ValueError):
 class CachedSet:
     """A split's scans in the training cache (data/cache.py), read as the network sees them: the stored
     letterboxed scan normalised on the way out by `transforms.normalize` (what inference's `preprocess`
-    does), its mask, its geometry and its mask at the original size. Nothing is copied into memory: each read takes the scan from the memory map."""
+    does), its mask, its geometry and its mask at the original size. Nothing is copied into memory: each
+    read takes the scan from the memory map."""
 
     def __init__(self, cache: ScanCache, names: Sequence[str], method: str):
         row = {name: i for i, name in enumerate(cache.names)}

@@ -21,7 +21,7 @@ import time
 
 from common import CREDITS, RUNS, hardware, require_data, table, write_result
 
-from hemaseg.config import PRESETS
+from hemaseg.config import PRESETS, parse_size
 from hemaseg.crossval.cv import run_cv
 from hemaseg.data.plan import configure
 
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--summarize", metavar="RUN", help="tabulate this finished `hemaseg cv` run folder (trained "
                                                       "with the same dataset and preset) instead of running one")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--size", type=int, help="override the plan's input size")
+    p.add_argument("--size", type=parse_size, help="override the plan's input: 256 or height x width (224x320)")
     p.add_argument("--fresh", action="store_true", help="delete earlier runs of this benchmark first")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

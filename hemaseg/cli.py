@@ -62,6 +62,15 @@ def _frame(text: str) -> int | None:
     return value
 
 
+def _size(text: str):
+    from hemaseg.config import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _spacing(text: str):
     from hemaseg.spacing import parse_pixel_spacing
 
@@ -142,9 +151,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="JSON", help="a config.json (e.g. from an earlier run) to start from "
                                                     "instead of a preset; flags given here override it")
     g = p.add_argument_group("data")
-    g.add_argument("--size", type=int, help="input size in pixels: scans are letterboxed to size x size with their "
-                                            f"aspect ratio kept (presets: {_presets('size')}; never above the median "
-                                            "scan's longer side)")
+    g.add_argument("--size", type=_size, metavar="PX|HxW",
+                   help="network input: 256 for a square or 224x320 for height x width; scans are letterboxed into "
+                        "it with their aspect ratio kept (default: the preset's pixel count "
+                        f"({_presets('size')} squared) at the data's median aspect ratio, sides multiples of 32, "
+                        "never above the median scan)")
     g.add_argument("--normalize", choices=NORMALIZATIONS, help=f"intensity normalisation (default {d.normalize})")
     g.add_argument("--val-fraction", type=float, help=f"share of scans held out for validation (default {d.val_fraction})")
     g.add_argument("--split-seed", type=int, help=f"seed of the train/val split (default {d.split_seed})")

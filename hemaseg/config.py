@@ -75,6 +75,32 @@ BACKENDS = {
 }
 
 
+def input_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """A network input size as (height, width): an int is a square."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def format_size(size: int | tuple[int, int]) -> str:
+    """'256' for a square, '224x320' (height x width) otherwise: how --size is written."""
+    h, w = input_hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    """--size: '256' (a square) or '224x320' (height x width)."""
+    parts = text.lower().replace("\u00d7", "x").split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise ValueError(f"{text!r} is not a size: give pixels (256) or height x width (224x320)")
+    return sides[0] if len(sides) == 1 or sides[0] == sides[1] else (sides[0], sides[1])
+
+
 def _one_of(key: str, value: Any, choices) -> None:
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
@@ -88,7 +114,7 @@ class DataConfig:
     """Where the scans are and how they become network input."""
 
     root: str = ""
-    size: int = 256
+    size: int | tuple[int, int] = 256  # network input: a square side, or (height, width) fitted to the data
     normalize: str = "zscore"
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -102,8 +128,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
             raise ConfigError("max_pixels", f"must be >= 1, got {self.max_pixels}")
-        if self.size < 16:
-            raise ConfigError("size", f"must be >= 16, got {self.size}")
+        if not isinstance(self.size, int):
+            if (not isinstance(self.size, (tuple, list)) or len(self.size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size)):
+                raise ConfigError("size", f"must be pixels or (height, width), got {self.size!r}")
+            h, w = self.size
+            object.__setattr__(self, "size", h if h == w else (h, w))  # one spelling of a square
+        if min(self.hw) < 16:
+            raise ConfigError("size", f"must be >= 16 on each side, got {format_size(self.size)}")
         _one_of("normalize", self.normalize, NORMALIZATIONS)
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
@@ -111,6 +143,11 @@ class DataConfig:
             raise ConfigError("mask_threshold", f"must be a fraction in (0, 1], got {self.mask_threshold}")
         if self.labels is not None and (not self.labels or not all(isinstance(n, str) and n for n in self.labels)):
             raise ConfigError("labels", f"must name at least one label, e.g. lesion; got {self.labels!r}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The network input as (height, width)."""
+        return input_hw(self.size)
 
 
 @dataclass(frozen=True)
@@ -292,6 +329,7 @@ class DatasetStats:
     median_longer_side: int = 0
     lesion_fraction_mean: float = math.nan
     n_empty_masks: int = 0
+    median_aspect: float = 1.0  # the median scan's width / height
 
 
 @dataclass(frozen=True)
@@ -301,7 +339,7 @@ class Plan:
     preset: str
     device_type: str
     stats: DatasetStats
-    size: int
+    size: int | tuple[int, int]
     batch_size: int
 
     def describe(self, cfg: "RunConfig") -> str:
@@ -311,25 +349,38 @@ class Plan:
         tc = cfg.train
         epochs = (f"budget {tc.budget_minutes} min" if tc.budget_minutes else
                   f"budget {tc.budget_images:,} images" if tc.budget_images else f"epochs {tc.epochs}")
-        return (f"plan ({self.preset}, {self.device_type}): {m.arch}{width}{init}, input {cfg.data.size} px, batch "
-                f"{cfg.train.batch_size}, lr {cfg.train.lr}, {epochs}; dataset: {dataclasses.asdict(self.stats)}")
+        return (f"plan ({self.preset}, {self.device_type}): {m.arch}{width}{init}, input "
+                f"{format_size(cfg.data.size)} px, batch {cfg.train.batch_size}, lr {cfg.train.lr}, {epochs}; dataset: {dataclasses.asdict(self.stats)}")
+
+
+#: data whose median scan is closer to square than this (width / height or its inverse) gets a square input
+SQUARE_WITHIN = 1.15
 
 
 def make_plan(preset: str, stats: DatasetStats | None, device_type: str = "cpu") -> Plan:
-    """Adapt `preset` to a dataset. Size: the preset's, but never above the median image's longer side
-    rounded up to a multiple of 32 (upsampling adds cost, not information); small lesions (mean under 2 %
-    of the image) on a GPU get a 1.5x larger input. Batch: the preset's, halved on a CPU when the input
-    is larger than 256 (a step then already costs enough to give stable statistics)."""
+    """Adapt `preset` to a dataset, as nnU-Net fits its patch to the data's median shape.
+
+    Shape: the preset's pixel count (size x size) at the median scan's aspect ratio, each side rounded to a
+    multiple of 32 (a 2:1 skin scan gets 192x352 instead of 256x256, half of which would be padding); a
+    square for data within `SQUARE_WITHIN` of square. Never above the median scan's sides rounded up to a
+    multiple of 32 (upsampling adds cost, not information). Small lesions (mean under 2 % of the image) on
+    a GPU get 1.5x larger sides. Batch: the preset's, halved on a CPU when the input has more pixels than
+    256 x 256 (a step then already costs enough to give stable statistics)."""
     _one_of("preset", preset, PRESETS)
     p, stats = PRESETS[preset], stats or DatasetStats()
-    size = p.size
+    side = p.size
     if device_type == "cuda" and stats.lesion_fraction_mean < 0.02:  # NaN compares False
-        size = int(size * 1.5)
-    median = stats.median_longer_side or size
-    size = max(64, min(size, -(-median // 32) * 32))
-    size -= size % 32
-    batch = p.batch_size if device_type == "cuda" or size <= 256 else max(2, p.batch_size // 2)
-    return Plan(p.name, device_type, stats, size, batch)
+        side = int(side * 1.5)
+    aspect = stats.median_aspect if math.isfinite(stats.median_aspect) and stats.median_aspect > 0 else 1.0
+    if max(aspect, 1 / aspect) < SQUARE_WITHIN:
+        aspect = 1.0
+    longer = stats.median_longer_side or side
+    median_hw = (longer / max(aspect, 1.0), longer * min(aspect, 1.0))  # the median scan's (height, width)
+    ideal_hw = (side / math.sqrt(aspect), side * math.sqrt(aspect))
+    h, w = (max(64, min(32 * round(ideal / 32), 32 * math.ceil(median / 32)))
+            for ideal, median in zip(ideal_hw, median_hw))
+    batch = p.batch_size if device_type == "cuda" or h * w <= 256 * 256 else max(2, p.batch_size // 2)
+    return Plan(p.name, device_type, stats, h if h == w else (h, w), batch)
 
 
 # --- the run config ---------------------------------------------------------------------------------
@@ -353,11 +404,16 @@ class RunConfig:
                                       f"{'those networks' if len(fits) > 1 else 'that network'} only), "
                                       f"not {self.model.arch!r}")
         m = self.model.size_multiple
-        if self.data.size % m:
-            lo, hi = max(m, self.data.size // m * m), -(-self.data.size // m) * m
+        if any(side % m for side in self.data.hw):
+            square = isinstance(self.data.size, int)
+            lo, hi = ("x".join(dict.fromkeys(str(f(side)) for side in self.data.hw) if square else
+                               (str(f(side)) for side in self.data.hw))
+                      for f in (lambda v: max(m, v // m * m), lambda v: -(-v // m) * m))
             depth = {"seed": 4, **dict.fromkeys(EFFICIENTNET_ARCHS, 5)}.get(self.model.arch, self.model.depth)
-            raise ConfigError("size", f"must be a multiple of {m} for model {self.model.arch!r} (depth {depth}); "
-                                      f"got {self.data.size}, try {lo}" + (f" or {hi}" if hi != lo else ""))
+            each = "" if square else " on each side"
+            raise ConfigError("size", f"must be a multiple of {m}{each} for model {self.model.arch!r} (depth "
+                                      f"{depth}); got {format_size(self.data.size)}, try {lo}"
+                                      + (f" or {hi}" if hi != lo else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -126,21 +126,24 @@ def test_noise_speckle_and_contrast_have_monais_spread():
     assert 0.75 <= factor.min() < 0.85 and 1.15 < factor.max() <= 1.25
 
 
-def test_affine_statistics_match_the_monai_path():
-    """Mask area change and centroid shift over 200 draws: both paths draw the same distributions."""
-    size, n = 64, 200
-    mask = np.zeros((size, size), np.float32)
-    mask[12:28, 30:50] = 1  # off centre, so rotation and scale move its centroid too
+@pytest.mark.parametrize("size", [64, (48, 96)], ids=["square", "2to1"])
+def test_affine_statistics_match_the_monai_path(size):
+    """Mask area change and centroid shift over 200 draws: both paths draw the same distributions, on a
+    square input and on one shaped like a 2:1 scan (shifts are a fraction of each side)."""
+    (h, w), n = ((size, size) if isinstance(size, int) else size), 200
+    mask = np.zeros((h, w), np.float32)
+    mask[h * 3 // 16:h * 7 // 16, w * 15 // 32:w * 25 // 32] = 1  # off centre: rotation and scale move it too
     cfg = dataclasses.replace(OFF, affine_p=1.0)
     pipe = build_augmentation(cfg, size)
     monai_masks = torch.stack([augment(pipe, mask, mask, seed)[1] for seed in range(n)])
+    assert monai_masks.shape[-2:] == (h, w)
     batch = torch.from_numpy(mask)[None, None].repeat(n, 1, 1, 1)
     batch_masks = BatchAugment(cfg, size)(batch, batch, _gen(0))[1]
 
-    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
 
     def area_and_shift(m: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m, ref = m.reshape(-1, size, size).double(), ref.reshape(1, size, size).double()
+        m, ref = m.reshape(-1, h, w).double(), ref.reshape(1, h, w).double()
         area, area0 = m.sum((1, 2)), ref.sum((1, 2))
         centroid = torch.stack([(m * yy).sum((1, 2)), (m * xx).sum((1, 2))], 1) / area[:, None]
         centroid0 = torch.stack([(ref * yy).sum((1, 2)), (ref * xx).sum((1, 2))], 1) / area0[:, None]

@@ -35,6 +35,25 @@ def test_letterbox_pads_with_zeros_and_keeps_content_centred():
     assert img[:16].max() == 0 and img[48:].max() == 0 and img[16:48].min() > 0.99
 
 
+@pytest.mark.parametrize("h,w", [(240, 480), (480, 240), (100, 100), (90, 400)])
+def test_a_non_square_input_fits_the_scan_and_inverts_exactly(h, w):
+    """Letterboxing into height x width: the scale is the one that fits both sides, the content is
+    centred, padding only where the aspect ratios differ, and the way back lands on the original grid."""
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 3)) ** 2 < 1
+    image, boxed_mask, box = letterbox(mask.astype(np.float32), (64, 128), mask)
+    assert image.shape == boxed_mask.shape == (64, 128) and (box.height, box.width) == (64, 128)
+    scale = min(64 / h, 128 / w)
+    assert (box.new_h, box.new_w) == (min(64, round(h * scale)), min(128, round(w * scale)))
+    assert (box.top, box.left) == ((64 - box.new_h) // 2, (128 - box.new_w) // 2)
+    if h * 2 == w:  # a 2:1 scan fills a 2:1 input: no padding at all
+        assert (box.top, box.left, box.new_h, box.new_w) == (0, 0, 64, 128)
+    back = unletterbox(boxed_mask, box) >= 0.5
+    assert back.shape == (h, w) and (back == mask).mean() > 0.97
+    x, same = preprocess(mask.astype(np.float32), (64, 128))
+    assert x.shape == (64, 128) and same == box
+
+
 def test_zscore_uses_only_real_pixels():
     image = np.random.default_rng(0).random((40, 80)).astype(np.float32)
     x, box = preprocess(image, 64)

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hemaseg.config import AugmentConfig
+from hemaseg.config import AugmentConfig, input_hw
 
 # Columns of the (N, _N_DRAWS) table of uniform draws made per call, one row per sample.
 (_HFLIP, _VFLIP, _AFFINE, _ANGLE, _SCALE_Y, _SCALE_X, _SHIFT_Y, _SHIFT_X, _GAMMA, _GAMMA_VALUE,
@@ -39,14 +39,14 @@ class BatchAugment:
     only. Each sample draws its own parameters, as the per-pair MONAI path does.
     """
 
-    def __init__(self, cfg: AugmentConfig, size: int):
+    def __init__(self, cfg: AugmentConfig, size: int | tuple[int, int]):
         self.cfg = cfg
-        self.size = size
+        self.hw = input_hw(size)  # the batches' (height, width)
 
     def __call__(
         self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, size, size) floating (z-scored), masks (N, K, size, size) floating in {0, 1}
+        """images (N, C, H, W) floating (z-scored), masks (N, K, H, W) floating in {0, 1}
         (K = 1 for the lesion mask), both on one device; `generator` is a CPU generator (see the module docstring).
 
         Returns (images, masks) of the same shape, dtype and device. The inputs are never written to
@@ -70,14 +70,15 @@ class BatchAugment:
                 images = torch.where(keep, images.flip(dim), images)
                 masks = torch.where(keep, masks.flip(dim), masks)
 
-        # RandAffined(rotate_range=r, scale_range=(s, s), translate_range=(t * size, t * size)):
-        # one angle U(-r, r); each axis's scale 1 + U(-s, s) and shift U(-t * size, t * size) px apart.
+        # RandAffined(rotate_range=r, scale_range=(s, s), translate_range=(t * H, t * W)):
+        # one angle U(-r, r); each axis's scale 1 + U(-s, s) and shift U(-t * side, t * side) px apart.
         which = fires(_AFFINE, cfg.affine_p)
         if which.any():
-            r, s, t = math.radians(cfg.rotate_deg), cfg.scale, cfg.translate * self.size
+            r, s = math.radians(cfg.rotate_deg), cfg.scale
+            ty, tx = (cfg.translate * side for side in self.hw)
             angle = span(_ANGLE, -r, r)
             scale = torch.stack([span(_SCALE_Y, 1 - s, 1 + s), span(_SCALE_X, 1 - s, 1 + s)], 1)  # (N, 2)
-            shift = torch.stack([span(_SHIFT_Y, -t, t), span(_SHIFT_X, -t, t)], 1)  # (N, 2) pixels
+            shift = torch.stack([span(_SHIFT_Y, -ty, ty), span(_SHIFT_X, -tx, tx)], 1)  # (N, 2) pixels
             idx = which.nonzero().squeeze(1)
             grid = affine_grid(angle[idx], scale[idx], shift[idx], images.shape[-2:], images)
             images = _put(images, idx, warp(_take(images, idx), grid, "bilinear"))
@@ -124,11 +125,11 @@ class BatchAugment:
         return images, masks
 
     def _check(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> None:
-        want = (self.size, self.size)
+        want, (h, w) = self.hw, self.hw
         if images.ndim != 4 or tuple(images.shape[-2:]) != want:
-            raise ValueError(f"images must be (N, C, {self.size}, {self.size}), got {tuple(images.shape)}")
+            raise ValueError(f"images must be (N, C, {h}, {w}), got {tuple(images.shape)}")
         if masks.ndim != 4 or masks.shape[0] != images.shape[0] or tuple(masks.shape[-2:]) != want:
-            raise ValueError(f"masks must be (N, K, {self.size}, {self.size}) with N = {images.shape[0]}, "
+            raise ValueError(f"masks must be (N, K, {h}, {w}) with N = {images.shape[0]}, "
                              f"got {tuple(masks.shape)}")
         if not (images.is_floating_point() and masks.is_floating_point()):
             raise TypeError(f"images and masks must be floating point, got {images.dtype} and {masks.dtype}")

@@ -1,4 +1,4 @@
-"""The training cache: every scan of a dataset letterboxed once to the run's size, in memory-mapped
+"""The training cache: every scan of a dataset letterboxed once to the run's input shape, in memory-mapped
 files on disk, so training needs little memory of its own however large the data is.
 
 A float32 copy of each letterboxed scan and mask in memory (what training kept before) costs 0.5 MB per
@@ -12,7 +12,7 @@ all). Training normalises a stored scan with `transforms.normalize`, the functio
 `preprocess` calls on the same letterboxed pixels: one preprocessing, so one cache serves every
 normalisation.
 
-CACHE_DIR/<key>/ is one cache: images.u16 (N, S, S), masks.u8 (N, S, S) in {0, 1}, originals.u8 (each scan's
+CACHE_DIR/<key>/ is one cache: images.u16 (N, H, W), masks.u8 (N, H, W) in {0, 1}, originals.u8 (each scan's
 mask at its original size, bit-packed, for the validation Dice at full resolution) and index.json (names,
 letterbox geometry). The key is a hash of the dataset's fingerprint (every image and mask
 byte), the size and the mask settings, so any run, fold or process on the same data and size reuses the
@@ -36,18 +36,19 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from hemaseg.config import format_size, input_hw
 from hemaseg.data.transforms import Letterbox, letterbox
 
 log = logging.getLogger(__name__)
 
 IMAGE_SCALE = 65535  # stored image = round(IMAGE_SCALE x the [0, 1] letterboxed scan)
-CACHE_VERSION = 2  # bump when the stored layout or the letterbox changes
+CACHE_VERSION = 3  # bump when the stored layout or the letterbox changes
 
 
 def default_cache_dir() -> Path:
@@ -57,9 +58,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "hemaseg"
 
 
-def cache_key(fingerprint: str, size: int, mask_threshold: float | None, labels: Sequence[str] | None) -> str:
-    parts = json.dumps([CACHE_VERSION, fingerprint, size, mask_threshold, sorted(labels) if labels else None])
-    return f"s{size}-" + hashlib.sha256(parts.encode()).hexdigest()[:20]
+def cache_key(fingerprint: str, size: int | tuple[int, int], mask_threshold: float | None,
+              labels: Sequence[str] | None) -> str:
+    parts = json.dumps([CACHE_VERSION, fingerprint, input_hw(size), mask_threshold, sorted(labels) if labels else None])
+    return f"s{format_size(size)}-" + hashlib.sha256(parts.encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -68,8 +70,8 @@ class ScanCache:
 
     path: Path
     names: list[str]
-    images: np.ndarray  # (N, S, S) uint16, memory-mapped: round(65535 x letterboxed image)
-    masks: np.ndarray  # (N, S, S) uint8 in {0, 1}, memory-mapped
+    images: np.ndarray  # (N, H, W) uint16, memory-mapped: round(65535 x letterboxed image)
+    masks: np.ndarray  # (N, H, W) uint8 in {0, 1}, memory-mapped
     boxes: list[Letterbox]
     _originals: np.ndarray  # flat uint8, bit-packed original masks
     _offsets: np.ndarray  # (N + 1,) start of each scan's packed mask in _originals
@@ -77,8 +79,7 @@ class ScanCache:
     @classmethod
     def open(cls, path: Path) -> ScanCache:
         index = json.loads((path / "index.json").read_text())
-        n, s = len(index["names"]), index["size"]
-        shape = (n, s, s)
+        shape = (len(index["names"]), *input_hw(index["size"]))
 
         def mapped(name: str, shape_, dtype=np.uint8) -> np.ndarray:
             if not np.prod(shape_):
@@ -117,10 +118,10 @@ def _writable(root: Path) -> bool:
     return os.access(root, os.W_OK | os.X_OK)
 
 
-def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | None, labels, max_pixels: int | None,
+def open_or_build(samples, fingerprint: str, size: int | tuple[int, int], mask_threshold: float | None, labels, max_pixels: int | None,
                   cache_dir: str | os.PathLike | None = None, progress: bool = False, wait: bool = False,
                   poll_s: float = 0.5) -> ScanCache:
-    """The cache of these samples at `size`, built if no process has built it yet. `samples` are the
+    """The cache of these samples at `size` (a square side or (height, width)), built if no process has built it yet. `samples` are the
     dataset's (`find_samples`), each decoded once here (`load_sample`) when the cache is built.
 
     `wait`: another process of the job is building it (torchrun's other ranks on a machine): wait for it
@@ -150,7 +151,7 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
     tmp.mkdir()
     try:
         n = len(samples)
-        shape = (n, size, size)
+        shape = (n, *input_hw(size))
         images = np.memmap(tmp / "images.u16", np.uint16, "w+", shape=shape) if n else np.zeros(shape, np.uint16)
         masks = np.memmap(tmp / "masks.u8", np.uint8, "w+", shape=shape) if n else np.zeros(shape, np.uint8)
         boxes, offsets = [], [0]
@@ -163,14 +164,14 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
                 packed = np.packbits(mask.ravel())
                 originals.write(packed.tobytes())
                 offsets.append(offsets[-1] + packed.size)
-                boxes.append([box.orig_h, box.orig_w, box.size, box.top, box.left, box.new_h, box.new_w])
+                boxes.append(list(astuple(box)))
             originals.flush()
             os.fsync(originals.fileno())
         for mapped in (images, masks):
             if isinstance(mapped, np.memmap):
                 mapped.flush()
         del images, masks
-        index = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "names": [s.name for s in samples],
+        index = {"version": CACHE_VERSION, "size": input_hw(size), "fingerprint": fingerprint, "names": [s.name for s in samples],
                  "boxes": boxes, "offsets": offsets}
         (tmp / "index.json").write_text(json.dumps(index))
         try:
@@ -183,5 +184,5 @@ def open_or_build(samples, fingerprint: str, size: int, mask_threshold: float | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     cache = ScanCache.open(final)
-    log.info("cached %d scans at %d px in %s (%.0f MB)", len(cache), size, final, cache.nbytes / 1e6)
+    log.info("cached %d scans at %s px in %s (%.0f MB)", len(cache), format_size(size), final, cache.nbytes / 1e6)
     return cache

@@ -662,7 +662,8 @@ def load_dataset(root: str | os.PathLike, mask_threshold: float | None = None,
     longer = sorted(max(shape) for shape in shapes.values())
     stats = DatasetStats(n_pairs=len(samples), median_longer_side=longer[len(longer) // 2] if longer else 0,
                          lesion_fraction_mean=float(np.mean(fractions)) if fractions else math.nan,
-                         n_empty_masks=sum(f == 0.0 for f in fractions))
+                         n_empty_masks=sum(f == 0.0 for f in fractions),
+                         median_aspect=float(np.median([w / h for h, w in shapes.values()])) if shapes else 1.0)
     return LoadedDataset(Path(root), samples, shapes, fp.hexdigest(), stats, fp.files, unreviewed)
 
 

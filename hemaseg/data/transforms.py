@@ -1,8 +1,9 @@
 """The one preprocessing path shared by train, evaluate, predict and serve, its exact inverse,
 and the paired augmentation used in training.
 
-Preprocessing letterboxes: the image is resized so its longer side fits the model size with the
-aspect ratio kept, then padded (zeros, like the black outside an ultrasound sector) to a square.
+Preprocessing letterboxes: the image is resized as large as fits the network input (a square, or
+height x width fitted to the data's shape by the plan) with its aspect ratio kept, then padded (zeros,
+like the black outside an ultrasound sector) to the input's shape.
 `Letterbox` remembers the geometry so a prediction maps back to the original pixel grid exactly.
 """
 
@@ -25,26 +26,30 @@ from monai.transforms import (
     RandomizableTransform,
 )
 
-from hemaseg.config import NORMALIZATIONS, AugmentConfig
+from hemaseg.config import NORMALIZATIONS, AugmentConfig, input_hw
 
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where the resized image sits inside the padded square (all in pixels)."""
+    """Where the resized image sits inside the padded input (all in pixels)."""
 
     orig_h: int
     orig_w: int
-    size: int
+    height: int  # the network input's shape
+    width: int
     top: int
     left: int
     new_h: int
     new_w: int
 
 
-def letterbox_geometry(orig_h: int, orig_w: int, size: int) -> Letterbox:
-    scale = size / max(orig_h, orig_w)
-    new_h, new_w = max(1, round(orig_h * scale)), max(1, round(orig_w * scale))
-    return Letterbox(orig_h, orig_w, size, (size - new_h) // 2, (size - new_w) // 2, new_h, new_w)
+def letterbox_geometry(orig_h: int, orig_w: int, size: int | tuple[int, int]) -> Letterbox:
+    """`size`: a square side or (height, width)."""
+    height, width = input_hw(size)
+    scale = min(height / orig_h, width / orig_w)
+    new_h = min(height, max(1, round(orig_h * scale)))
+    new_w = min(width, max(1, round(orig_w * scale)))
+    return Letterbox(orig_h, orig_w, height, width, (height - new_h) // 2, (width - new_w) // 2, new_h, new_w)
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -55,18 +60,19 @@ def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def letterbox(image: np.ndarray, size: int, mask: np.ndarray | None = None):
-    """Resize (aspect kept) and pad an HxW image in [0, 1] (and optionally its bool mask) to size x size.
+def letterbox(image: np.ndarray, size: int | tuple[int, int], mask: np.ndarray | None = None):
+    """Resize (aspect kept) and pad an HxW image in [0, 1] (and optionally its bool mask) to the input's
+    shape (`size`: a square side or (height, width)).
 
-    Returns (image float32 size x size, mask float32 size x size in {0, 1} or None, Letterbox).
+    Returns (image float32 height x width, mask float32 in {0, 1} of the same shape or None, Letterbox).
     """
     box = letterbox_geometry(image.shape[0], image.shape[1], size)
-    out = np.zeros((size, size), np.float32)
+    out = np.zeros((box.height, box.width), np.float32)
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     out[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = _resize(t, box.new_h, box.new_w)[0, 0].numpy()
     out_mask = None
     if mask is not None:
-        out_mask = np.zeros((size, size), np.float32)
+        out_mask = np.zeros((box.height, box.width), np.float32)
         m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
         resized = _resize(m, box.new_h, box.new_w)[0, 0].numpy() >= 0.5
         out_mask[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = resized
@@ -74,7 +80,7 @@ def letterbox(image: np.ndarray, size: int, mask: np.ndarray | None = None):
 
 
 def unletterbox(prob: torch.Tensor | np.ndarray, box: Letterbox) -> np.ndarray:
-    """Map a size x size probability map back to the original HxW grid (crop the pad, resize back)."""
+    """Map a network-input-shaped probability map back to the original HxW grid (crop the pad, resize back)."""
     p = torch.as_tensor(prob, dtype=torch.float32)
     p = p.reshape(1, 1, *p.shape[-2:])[..., box.top:box.top + box.new_h, box.left:box.left + box.new_w]
     return _resize(p, box.orig_h, box.orig_w)[0, 0].clamp_(0, 1).numpy()
@@ -92,8 +98,8 @@ def normalize(image: np.ndarray, box: Letterbox | None, method: str = "zscore") 
     return ((image - mean) / max(std, 1e-6)).astype(np.float32)
 
 
-def preprocess(image: np.ndarray, size: int, method: str = "zscore") -> tuple[np.ndarray, Letterbox]:
-    """Image HxW in [0, 1] -> network input size x size (normalised) and the geometry to undo it."""
+def preprocess(image: np.ndarray, size: int | tuple[int, int], method: str = "zscore") -> tuple[np.ndarray, Letterbox]:
+    """Image HxW in [0, 1] -> network input of `size` (normalised) and the geometry to undo it."""
     boxed, _, box = letterbox(image, size)
     return normalize(boxed, box, method), box
 
@@ -121,13 +127,15 @@ class RandSpeckled(RandomizableTransform, MapTransform):
         return d
 
 
-def build_augmentation(cfg: AugmentConfig, size: int) -> Compose:
-    """MONAI dictionary transforms over {"image": (1, H, W), "mask": (1, H, W)} tensors.
+def build_augmentation(cfg: AugmentConfig, size: int | tuple[int, int]) -> Compose:
+    """MONAI dictionary transforms over {"image": (1, H, W), "mask": (1, H, W)} tensors of the input's
+    shape (`size`: a square side or (height, width)); shifts are a fraction of each side.
 
     The images arrive z-scored; the gamma step needs non-negative input, which MONAI's
     RandAdjustContrast handles by rescaling to the input's own range and back.
     """
     both = ("image", "mask")
+    height, width = input_hw(size)
     steps = []
     if cfg.hflip > 0:
         steps.append(RandFlipd(both, prob=cfg.hflip, spatial_axis=1))
@@ -135,9 +143,9 @@ def build_augmentation(cfg: AugmentConfig, size: int) -> Compose:
         steps.append(RandFlipd(both, prob=cfg.vflip, spatial_axis=0))
     if cfg.affine_p > 0:
         steps.append(RandAffined(
-            both, prob=cfg.affine_p, spatial_size=(size, size),
+            both, prob=cfg.affine_p, spatial_size=(height, width),
             rotate_range=np.deg2rad(cfg.rotate_deg), scale_range=(cfg.scale, cfg.scale),
-            translate_range=(cfg.translate * size, cfg.translate * size),
+            translate_range=(cfg.translate * height, cfg.translate * width),
             mode=("bilinear", "nearest"), padding_mode="zeros", cache_grid=True,  # fixed output size
         ))
     if cfg.gamma_p > 0:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hemaseg import __version__
-from hemaseg.config import BACKENDS
+from hemaseg.config import BACKENDS, format_size, input_hw
 from hemaseg.device import bf16_supported, describe_cpu
 from hemaseg.io import atomic_write_bytes, atomic_write_text
 from hemaseg.models.fusion import fuse_conv_bn
@@ -94,16 +94,17 @@ def auto_candidates(device: torch.device) -> list[str]:
     return ["torch-fast", "onnxruntime"] if device.type == "cpu" else ["torch-fast"]
 
 
-def choose_backend(model: nn.Module, device: torch.device, size: int, candidates: list[str] | None = None
-                   ) -> tuple[str, Backend, dict]:
-    """The fastest candidate that matches eager fp32 on this machine, at batch 1 and `size` x `size`.
+def choose_backend(model: nn.Module, device: torch.device, size: int | tuple[int, int],
+                   candidates: list[str] | None = None) -> tuple[str, Backend, dict]:
+    """The fastest candidate that matches eager fp32 on this machine, at batch 1 and the input `size` (a
+    square side or (height, width)).
 
     Returns (name, backend, record) where record holds each candidate's median ms, its parity error, and
     why any was skipped. Falls back to eager `torch` when no candidate passes."""
     candidates = candidates or auto_candidates(device)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, size, size), dtype=np.float32))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, *input_hw(size)), dtype=np.float32))
     reference = torch.sigmoid(TorchBackend(model, device)(x).cpu())
-    record: dict = {"size": size, "parity_atol": PARITY_ATOL, "ms": {}, "max_abs_diff": {}, "skipped": {}}
+    record: dict = {"size": format_size(size), "parity_atol": PARITY_ATOL, "ms": {}, "max_abs_diff": {}, "skipped": {}}
     passed: dict[str, Backend] = {}
     for name in candidates:
         try:
@@ -134,7 +135,7 @@ def choose_backend(model: nn.Module, device: torch.device, size: int, candidates
     return best, passed[best], record
 
 
-def _choice_key(model: nn.Module, device: torch.device, size: int, candidates: list[str]) -> str:
+def _choice_key(model: nn.Module, device: torch.device, size: int | tuple[int, int], candidates: list[str]) -> str:
     """What decides `auto`'s choice: the weights (their bytes), the machine (CPU model, GPU name), the
     libraries that run them, the input size and the candidates."""
     h = hashlib.sha256()
@@ -149,11 +150,11 @@ def _choice_key(model: nn.Module, device: torch.device, size: int, candidates: l
         ort_version = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     facts = [h.hexdigest(), str(device), gpu, describe_cpu()["model"], torch.__version__, ort_version, __version__,
-             np.__version__, size, candidates, PARITY_ATOL, AUTO_ROUNDS]
+             np.__version__, input_hw(size), candidates, PARITY_ATOL, AUTO_ROUNDS]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:24]
 
 
-def choose_backend_cached(model: nn.Module, device: torch.device, size: int, cache_dir: str | Path | None,
+def choose_backend_cached(model: nn.Module, device: torch.device, size: int | tuple[int, int], cache_dir: str | Path | None,
                           candidates: list[str] | None = None) -> tuple[str, Backend, dict]:
     """`choose_backend`, remembered in `cache_dir`/backends/ per weights, machine and library versions (with
     the exported ONNX model when ONNX Runtime won), so loading the same model again neither exports nor

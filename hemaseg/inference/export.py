@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hemaseg import __version__
+from hemaseg.config import format_size
 from hemaseg.inference.onnx import DEFAULT_OPSET, OnnxRuntimeBackend, onnx_bytes
 from hemaseg.inference.predictor import Predictor
 from hemaseg.io import atomic_write_bytes
@@ -41,24 +42,27 @@ def onnx_metadata(predictor) -> dict[str, str]:
     """What a consumer needs besides the graph, as ONNX metadata_props (string to string)."""
     cfg = predictor.config
     size_multiple = cfg.model.size_multiple
+    height, width = cfg.data.hw
     return {
         "producer": "hemaseg",
         "hemaseg_version": __version__,
         "model_arch": cfg.model.arch,
         "model_config": json.dumps(cfg.to_dict()["model"]),
         "input_policy": "letterbox",
-        "input_size": str(cfg.data.size),
+        "input_size": format_size(cfg.data.size),  # "256" (square) or "224x320" (height x width)
+        "input_height": str(height),
+        "input_width": str(width),
         "size_multiple": str(size_multiple),
         "normalization": cfg.data.normalize,
         "threshold": str(predictor.threshold),
         "output": "logits",
         "usage": (
-            f"Gray scan in [0,1] -> resize so the longer side is {cfg.data.size} px (bilinear, antialiased "
-            f"when shrinking, aspect kept) -> centre on a {cfg.data.size}x{cfg.data.size} zero canvas "
-            f"(top=(S-h)//2, left=(S-w)//2) -> normalize "
+            f"Gray scan in [0,1] (h x w) -> resize by s = min({height}/h, {width}/w) (bilinear, antialiased "
+            f"when shrinking, aspect kept) -> centre on a zero canvas of height {height} and width {width} "
+            f"(top=({height}-round(s*h))//2, left=({width}-round(s*w))//2) -> normalize "
             + ("with the mean/std of the unpadded region (zscore)" if cfg.data.normalize == "zscore"
                else "as (x-0.5)/0.25 (unit)")
-            + f" -> input (N,1,S,S) float32; any H,W multiple of {size_multiple} also runs. "
+            + f" -> input (N,1,{height},{width}) float32; any H,W multiple of {size_multiple} also runs. "
             f"prob = sigmoid(logits); crop the pad, resize back; mask = prob >= {predictor.threshold}, then the "
             "steps in 'postprocessing'."
         ),
@@ -73,7 +77,7 @@ def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int
     """Write `out_path` (default RUN/model.onnx; for a shipped model NAME.onnx here) from a Predictor or a run
     folder / checkpoint / shipped model's name.
 
-    Before anything is written, ONNX Runtime runs the export on a random (2, 1, S, S) input and its
+    Before anything is written, ONNX Runtime runs the export on a random (2, 1, H, W) input and its
     logits are compared with eager PyTorch; a difference above `atol` raises RuntimeError. The file is
     replaced atomically."""
     if isinstance(predictor_or_run, Predictor):
@@ -94,8 +98,7 @@ def export_onnx(predictor_or_run, out_path: str | Path | None = None, opset: int
     data = onnx_bytes(predictor.model, opset, metadata)
 
     model = copy.deepcopy(predictor.model).cpu().float().eval()  # the reference: eager fp32, unfolded
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, predictor.size, predictor.size),
-                                                                    dtype=np.float32))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, *predictor.config.data.hw), dtype=np.float32))
     with torch.inference_mode():
         expected = model(x)
     got = OnnxRuntimeBackend(data)(x)

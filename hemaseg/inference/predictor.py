@@ -148,14 +148,16 @@ class Predictor:
         return [dims for dims, p in (((-1,), aug.hflip), ((-2,), aug.vflip)) if p > 0] or [(-1,)]
 
     @property
-    def size(self) -> int:
+    def size(self) -> int | tuple[int, int]:
+        """The network input: a square side or (height, width)."""
         return self.config.data.size
 
     def identity(self) -> dict:
         """What decides this predictor's outputs besides the threshold (a bulk job's manifest records it,
         and --skip-existing refuses to resume with another)."""
         return {"weights": weights_fingerprint(self.models), "tta": self.tta,
-                "postprocess": dataclasses.asdict(self.plan), "size": self.config.data.size}
+                "postprocess": dataclasses.asdict(self.plan),
+                "size": self.size if isinstance(self.size, int) else list(self.size)}  # as JSON reads it back
 
     def predict_proba_batch(self, images: Sequence[np.ndarray], batch_size: int = 8,
                             tta: bool | None = None, names: Sequence[str] | None = None) -> list[np.ndarray]:

@@ -183,7 +183,10 @@ class ModelReply(BaseModel):
     epoch: int | None
     data_fingerprint: str | None = Field(description="fingerprint of the training data")
     metrics: dict[str, Any]
-    input_size: int
+    input_size: int | list[int] = Field(description="network input: a square side, or [height, width] for a "
+                                                    "model planned on non-square scans")
+    input_height: int
+    input_width: int
     normalize: str
     threshold: float
     device: str
@@ -407,7 +410,8 @@ def _model_info(predictor: Predictor) -> dict:
     return json_safe({
         "name": cfg.model.arch, "architecture": dataclasses.asdict(cfg.model), "parameters": params,
         "version": meta.get("version"), "epoch": meta.get("epoch"), "data_fingerprint": meta.get("data_fingerprint"),
-        "metrics": meta.get("metrics") or {}, "input_size": cfg.data.size, "normalize": cfg.data.normalize,
+        "metrics": meta.get("metrics") or {}, "input_size": cfg.data.size, "input_height": cfg.data.hw[0],
+        "input_width": cfg.data.hw[1], "normalize": cfg.data.normalize,
         "threshold": predictor.threshold, "device": str(predictor.device), "hemaseg_version": __version__,
         "n_models": meta.get("n_models", 1), "tta": bool(getattr(predictor, "tta", False)),
         "backend": str(getattr(predictor, "backend", "torch")),

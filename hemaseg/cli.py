@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(speckle, tissue layers, lesions), deterministic for a seed.")
     p.add_argument("out", help="output folder")
     p.add_argument("--n", type=int, default=200, help="number of scans (default 200)")
-    p.add_argument("--size", type=int, default=256, help="scan size in pixels, square (default 256)")
+    p.add_argument("--size", type=_size, default=256, metavar="PX|HxW",
+                   help="scan size: 256 for a square or 240x480 for height x width, e.g. a 2:1 skin scan "
+                        "(default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed; scan i depends only on (seed, i) (default 0)")
     p.add_argument("--series", action="store_true",
                    help="write one patient's follow-up for `hemaseg track` instead: 8 visits (weeks 4-40) of a "

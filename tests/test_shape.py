@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import hemaseg
 from hemaseg.cli import main
@@ -172,3 +173,9 @@ def test_cli_takes_height_x_width_and_names_the_flag_when_it_does_not_fit(wide_d
     with pytest.raises(SystemExit):
         main(["train", str(wide_data), "--size", "32by64"])
     assert "height x width" in capsys.readouterr().err
+
+
+def test_synth_writes_scans_of_a_given_height_x_width(tmp_path):
+    assert main(["-q", "synth", str(tmp_path / "d"), "--n", "2", "--size", "40x72"]) == 0
+    for folder in ("images", "mask"):
+        assert Image.open(tmp_path / "d" / folder / "1.png").size == (72, 40)  # PIL: (width, height)

@@ -557,12 +557,13 @@ def synth_scan(
 def write_synthetic_dataset(
     out: str | Path,
     n: int,
-    size: int = 256,
+    size: int | tuple[int, int] = 256,
     seed: int = 0,
     progress: bool = True,
     config: SynthConfig = SynthConfig(),
 ) -> Path:
     """Writes out/images/{i}.png and out/mask/{i}.png, i in 1..n (8-bit grayscale, mask 0/255); returns out.
+    `size`: a square side or (height, width).
 
     Scan i uses np.random.default_rng([seed, i]), so any scan can be regenerated alone and the same seed
     gives byte-identical files.

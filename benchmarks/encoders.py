@@ -65,12 +65,14 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def time_predict(runs: dict, scan: np.ndarray, backend: str) -> dict[str, float]:
-    """Median ms of `Predictor.predict(scan)` per encoder, interleaved round by round."""
+def time_predict(runs: dict, scans: list[np.ndarray], backend: str) -> dict[str, float]:
+    """Median ms of `Predictor.predict` per run (RUN/last.pt), interleaved round by round so a shared machine
+    slows them alike; round r predicts scans[r % len(scans)]."""
     predictors = {name: load_model(run / "last.pt", device="cpu", backend=backend)
                   for name, run in runs.items()}
     ms: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(WARMUP_ROUNDS + TIMED_ROUNDS):
+        scan = scans[r % len(scans)]
         for name, predictor in predictors.items():
             t = time.perf_counter()
             predictor.predict(scan)
@@ -144,7 +146,7 @@ def main(argv=None) -> None:
     path = next(s.image_path for s in find_samples(data) if s.name == first_val)
     # float32 HxW in [0, 1], resized so the network sees 256x256 with no letterbox padding
     scan = np.asarray(Image.fromarray(read_image(path)).resize((TIMED_SIZE, TIMED_SIZE), Image.BILINEAR))
-    ms = time_predict(runs, scan, args.backend)
+    ms = time_predict(runs, [scan], args.backend)
     for row in results.values():
         if row["encoder"] in ms:
             row["predict_ms"] = ms[row["encoder"]]  # timed now, on the latest fold's weights

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 from common import CREDITS, RESULTS, RUNS, SHARED_DATA, hardware, require_data, table, write_result
-from encoders import cpu_seconds, lscpu_model, mean_sd
+from encoders import cpu_seconds, lscpu_model, mean_sd, time_predict
 from pretrained import score
 
 from hemaseg.config import format_size, resolve_config
@@ -47,7 +47,6 @@ from hemaseg.training.train import fit
 
 CREDITS = {**CREDITS, "hc18": "HC18 dataset, van den Heuvel et al., PLoS ONE 2018, CC BY 4.0"}
 SQUARE = 256
-TIMED_ROUNDS, WARMUP_ROUNDS = 20, 3
 
 
 def head_circumference(run, data, names) -> dict:
@@ -68,19 +67,6 @@ def head_circumference(run, data, names) -> dict:
         errors.append(abs(largest.perimeter_mm - float(rows[name]["hc_mm"])))
     return {"hc_mae_mm": float(np.mean(errors)) if errors else None,
             "hc_median_abs_mm": float(np.median(errors)) if errors else None, "hc_no_outline": missed}
-
-
-def time_predict(runs: dict, scans: list[np.ndarray], backend: str) -> dict[str, float]:
-    predictors = {name: load_model(run / "last.pt", device="cpu", backend=backend) for name, run in runs.items()}
-    ms: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(WARMUP_ROUNDS + TIMED_ROUNDS):
-        scan = scans[r % len(scans)]
-        for name, predictor in predictors.items():
-            t = time.perf_counter()
-            predictor.predict(scan)
-            if r >= WARMUP_ROUNDS:
-                ms[name].append((time.perf_counter() - t) * 1e3)
-    return {name: round(statistics.median(v), 1) for name, v in ms.items()}
 
 
 def main(argv=None) -> None:

@@ -6,9 +6,10 @@
 Both variants are the `default` preset (the shipped ultrasound model fine-tuned) on the training part of
 fold K of the fixed 5-fold group-aware split (`crossval.cv.make_folds`, seed 0, groups from the set's
 manifest), trained for the same number of images seen (`--budget-images`: the same training on a busy
-or a quiet machine; the CPU-minutes each took are reported beside) or wall-clock minutes; only the input differs: `square` is 256 x 256 (what
-every version before the data-shaped plan used), `shape` is what the plan now fits to the set's median
-aspect ratio (`config.make_plan`; e.g. 224x320 for HC18's 800 x 540 scans). Scored on the held-out fold
+or a quiet machine; the CPU-minutes each took are reported beside) or wall-clock minutes; only the input
+differs: `square` is 256 x 256 (what every version before the data-shaped plan used), `shape` is what
+the plan now fits to the set's median aspect ratio (`config.make_plan`; e.g. 224x320 for HC18's 800 x 540
+scans). Scored on the held-out fold
 with the final weights and flip TTA (`evaluate`, as benchmarks/pretrained.py does): lesion Dice, false
 lesions on normal scans; on HC18 also the head circumference, the perimeter of the predicted outline at
 the scan's pixel size (`measure_mask`, the number `hemaseg measure` reports) against the sonographer's
@@ -16,6 +17,10 @@ the scan's pixel size (`measure_mask`, the number `hemaseg measure` reports) aga
 at batch 1 on held-out scans at their own size, both variants timed interleaved (median of 20 after 3
 warm-up rounds). Prints a table and writes benchmarks/results/shape_<dataset>.json (folds add up across
 invocations).
+
+`--start CKPT --tag NAME` fine-tunes from another pretrained checkpoint instead of the shipped model (a
+leave-sources-out variant of benchmarks/pretrain_ultrasound.py --variant), under variant names like
+`shape+NAME`; the leave-target-out rule is checked against that checkpoint's own provenance.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from common import CREDITS, RESULTS, RUNS, SHARED_DATA, hardware, require_data, table, write_result
@@ -41,7 +47,7 @@ from hemaseg.data.images import read_image
 from hemaseg.data.plan import configure
 from hemaseg.inference.predictor import load_model
 from hemaseg.measure.morphometry import measure_mask
-from hemaseg.models.pretrained import check_left_out
+from hemaseg.models.pretrained import PACKAGED, check_left_out
 from hemaseg.spacing import Spacing
 from hemaseg.training.train import fit
 
@@ -77,12 +83,16 @@ def main(argv=None) -> None:
     p.add_argument("--folds", default="0", help="which of the 5 fixed folds to hold out, comma-separated")
     p.add_argument("--variants", default="square,shape", help="comma-separated subset of square, shape")
     p.add_argument("--backend", default="torch-fast", help="inference backend timed for both variants")
+    p.add_argument("--start", help="fine-tune from this pretrained checkpoint instead of the shipped model")
+    p.add_argument("--tag", default="", help="suffix of the variant names for --start (e.g. no-busi)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in ("square", "shape")]:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from square, shape")
     data = require_data(args.dataset)
+    if args.start:  # the `ultrasound` start of the default preset, for this process only
+        PACKAGED["ultrasound"] = Path(args.start).resolve()
     check_left_out("ultrasound", args.dataset)  # both start from the shipped model: it must not know the set
     if (args.budget_minutes is None) == (args.budget_images is None):
         p.error("give --budget-minutes or --budget-images")
@@ -99,14 +109,16 @@ def main(argv=None) -> None:
     runs = {}
     for k in map(int, args.folds.split(",")):
         split = {"train": list(folds[k]["train"]), "val": list(folds[k]["val"])}
-        for name in names:
+        for shape in names:
+            name = shape + (f"+{args.tag}" if args.tag else "")
             cfg = resolve_config(data, "default", loaded.stats, base.plan.device_type,
-                                 {**budget, "size": SQUARE if name == "square" else None})
+                                 {**budget, "size": SQUARE if shape == "square" else None})
             out = root / f"{name}_fold{k}"
             cpu, wall = cpu_seconds(), time.perf_counter()
             summary = fit(cfg, out, dataset=loaded, split=split, overwrite=True, progress=False)
             cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
-            row = {"variant": name, "input": format_size(cfg.data.size), "fold": k, "n_train": summary["n_train"],
+            row = {"variant": name, "start": args.start or "shipped", "input": format_size(cfg.data.size),
+                   "fold": k, "n_train": summary["n_train"],
                    "epochs": summary["epochs"], "images_seen": summary["images_seen"],
                    "train_cpu_min": round(cpu / 60, 2), "train_wall_min": round(wall / 60, 2),
                    **score(out, data, split["val"])}
@@ -128,7 +140,7 @@ def main(argv=None) -> None:
                "normals with a false lesion"] + (["HC MAE mm", "HC median abs mm"] if hc else []) + \
               [f"predict ms/scan ({args.backend})"]
     rows = []
-    for name in ("square", "shape"):
+    for name in dict.fromkeys(r["variant"] for r in results.values()):
         rs = [r for r in results.values() if r["variant"] == name]
         if not rs:
             continue

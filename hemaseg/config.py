@@ -350,7 +350,8 @@ class Plan:
         epochs = (f"budget {tc.budget_minutes} min" if tc.budget_minutes else
                   f"budget {tc.budget_images:,} images" if tc.budget_images else f"epochs {tc.epochs}")
         return (f"plan ({self.preset}, {self.device_type}): {m.arch}{width}{init}, input "
-                f"{format_size(cfg.data.size)} px, batch {cfg.train.batch_size}, lr {cfg.train.lr}, {epochs}; dataset: {dataclasses.asdict(self.stats)}")
+                f"{format_size(cfg.data.size)} px, batch {cfg.train.batch_size}, lr {cfg.train.lr}, {epochs}; "
+                f"dataset: {dataclasses.asdict(self.stats)}")
 
 
 #: data whose median scan is closer to square than this (width / height or its inverse) gets a square input
@@ -406,8 +407,8 @@ class RunConfig:
         m = self.model.size_multiple
         if any(side % m for side in self.data.hw):
             square = isinstance(self.data.size, int)
-            lo, hi = ("x".join(dict.fromkeys(str(f(side)) for side in self.data.hw) if square else
-                               (str(f(side)) for side in self.data.hw))
+            sides = self.data.hw[:1] if square else self.data.hw  # a square is written as one side
+            lo, hi = ("x".join(str(f(v)) for v in sides)
                       for f in (lambda v: max(m, v // m * m), lambda v: -(-v // m) * m))
             depth = {"seed": 4, **dict.fromkeys(EFFICIENTNET_ARCHS, 5)}.get(self.model.arch, self.model.depth)
             each = "" if square else " on each side"

@@ -125,7 +125,7 @@ class BatchAugment:
         return images, masks
 
     def _check(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> None:
-        want, (h, w) = self.hw, self.hw
+        h, w = want = self.hw
         if images.ndim != 4 or tuple(images.shape[-2:]) != want:
             raise ValueError(f"images must be (N, C, {h}, {w}), got {tuple(images.shape)}")
         if masks.ndim != 4 or masks.shape[0] != images.shape[0] or tuple(masks.shape[-2:]) != want:

@@ -25,7 +25,7 @@ from pathlib import Path
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import resolve_config
-from hemaseg.data.dataset import load_split
+from hemaseg.data.dataset import find_samples, load_sample, load_split
 from hemaseg.evaluation.evaluate import evaluate
 from hemaseg.inference.predictor import load_model
 from hemaseg.models.pretrained import check_left_out
@@ -39,12 +39,33 @@ METRICS = ("dice_lesion", "dice_all", "fp_normals", "hd95_px_median", "lesion_se
 
 
 def score(run, data, names) -> dict:
-    model = load_model(run / "last.pt")  # final weights: best.pt was picked on these very scans
+    # final weights (best.pt was picked on these very scans) and no postprocessing: a run's own
+    # postprocessing.json was decided on its validation split, which here is the held-out fold
+    model = load_model(run / "last.pt", postprocess=False)
     s = evaluate(model, str(data), names=names, progress=False, tta=True)["summary"]
     return {"dice_lesion": s["dice_mean_lesion"], "dice_all": s["dice_mean"],
             "fp_normals": s["n_false_positive_images"], "hd95_px_median": s.get("hd95_px_median"),
             "lesion_sensitivity": s.get("lesion_sensitivity"), "n_val": s["n_images"],
             "n_normal_val": s["n_true_negative_images"] + s["n_false_positive_images"], "backend": model.backend}
+
+
+def save_held_out(run, data, names) -> Path:
+    """RUN/held_out.npz: the final weights' flip-TTA probabilities (uint8, 0-255, at each scan's size, no
+    postprocessing) and the reference mask of every held-out scan, so decisions taken afterwards
+    (benchmarks/presence.py) need no second inference."""
+    import numpy as np
+
+    model = load_model(run / "last.pt", tta=True, postprocess=False)
+    samples = {s.name: s for s in find_samples(data)}
+    arrays = {}
+    for name in names:
+        image, ref = load_sample(samples[name])
+        prob = model.predict_proba_batch([image])[0]
+        arrays[f"prob/{name}"] = np.round(prob * 255).astype(np.uint8)
+        arrays[f"ref/{name}"] = ref
+    path = Path(run) / "held_out.npz"
+    np.savez_compressed(path, **arrays)
+    return path
 
 
 def main(argv=None) -> None:

@@ -144,11 +144,22 @@ def test_a_train_run_fits_its_review_decision_on_its_validation_split(tmp_path):
     assert predictor.review_threshold == stored["threshold"]
     finding = predictor.prediction(blob(0.01)).finding
     assert "the cut fitted on the validation split" in finding.why
+    # the postprocessing (with the "is there a lesion?" gate) is decided on the same split, before the head,
+    # and predict applies it
+    from hemaseg.inference.postprocess import PostprocessPlan
+
+    decided = json.loads((tmp_path / "run" / "postprocessing.json").read_text())
+    assert "validation split" in decided["evidence"]["decided_on"] and "none" in decided["evidence"]
+    plan = PostprocessPlan.load(tmp_path / "run" / "postprocessing.json")
+    assert {k: decided[k] for k in summary["postprocessing"]} == summary["postprocessing"] and predictor.plan == plan
+    assert load_model(tmp_path / "run", device="cpu", backend="torch", postprocess=False).plan.is_identity
 
 
 def test_a_tiny_validation_split_leaves_the_rule_of_last_resort_and_says_why(tiny_run):
     stored = json.loads((tiny_run / "confidence.json").read_text())
     assert stored["threshold"] is None and "too few" in stored["method"]
+    decided = json.loads((tiny_run / "postprocessing.json").read_text())
+    assert decided["evidence"]["decided_on"] is None and "too few" in decided["evidence"]["why"]
 
 
 def test_the_python_finding_is_the_one_predict_writes(tiny_run, tiny_data, tmp_path):

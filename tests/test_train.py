@@ -356,7 +356,7 @@ def test_train_decodes_each_file_once_and_again_only_to_build_the_cache(tiny_dat
     monkeypatch.setenv("HEMASEG_CACHE_DIR", str(tmp_path / "cache"))
     # the review decision fitted after training reads the validation scans at full size once more: not
     # the training data path counted here (training/review.py has its own tests)
-    monkeypatch.setattr("hemaseg.training.train.fit_review_on_validation", lambda *a, **k: {})
+    monkeypatch.setattr("hemaseg.training.train.decide_on_validation", lambda *a, **k: {})
     opened = []
     real = dataset.open_image
     monkeypatch.setattr(dataset, "open_image", lambda *a, **k: opened.append(1) or real(*a, **k))

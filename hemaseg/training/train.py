@@ -5,7 +5,8 @@ RUN/splits.json    the train/val split used (reused on resume, never by a fresh 
 RUN/last.pt        weights + optimizer/scheduler/RNG state, written atomically (see below)
 RUN/best.pt        weights of the epoch with the best validation Dice
 RUN/metrics.csv    one row per epoch; RUN/curves.png the training curves; RUN/summary.json at the end
-RUN/confidence.json  the review decision fitted on the validation split (training/review.py)
+RUN/postprocessing.json  the postprocessing (with the "is there a lesion?" gate) decided on the validation split
+RUN/confidence.json  the review decision fitted on the validation split (both in training/review.py)
 
 What a crash can lose: the checkpoints go to disk at the end of the first and the last epoch, and
 between them at the end of every epoch that would otherwise leave more than `checkpoint_every_s`
@@ -78,12 +79,12 @@ from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaseg.models.pretrained import load_imagenet_encoder, load_packaged_weights
 from hemaseg import distributed
 from hemaseg.distributed import Distributed
-from hemaseg.training.review import fit_review_on_validation
+from hemaseg.training.review import decide_on_validation
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.json", "splits.json", "last.pt", "best.pt", "metrics.csv", "curves.png", "summary.json",
-             "confidence.json")
+             "postprocessing.json", "confidence.json")
 
 
 class RunFolderError(ValueError):
@@ -415,8 +416,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
     Under torchrun (WORLD_SIZE > 1 in the environment) this process trains its share of the run
     (distributed.py; the module docstring above); every process returns the summary. `world` overrides
     the environment: `distributed.SINGLE` trains in this process alone (a cross-validation fold).
-    `review`: fit the needs-review decision on the validation split (RUN/confidence.json; a
-    cross-validation fits its own out of fold instead)."""
+    `review`: decide the postprocessing and fit the needs-review decision on the validation split
+    (RUN/postprocessing.json, RUN/confidence.json; a cross-validation decides its own out of fold instead)."""
     session = distributed.session(select_device(cfg.train.device)) if world is None else contextlib.nullcontext(world)
     out = Path(out_dir)
     # a fresh run that will claim the folder (new, empty or --overwrite): on a failure before its first
@@ -433,7 +434,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: boo
             raise
         if review and dist.is_main:
             val_names = load_split(Path(out_dir) / "splits.json")["val"]
-            summary["review"] = fit_review_on_validation(Path(out_dir), cfg, val_names)
+            summary.update(decide_on_validation(Path(out_dir), cfg, val_names))
         return summary
 
 

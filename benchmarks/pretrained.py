@@ -25,12 +25,12 @@ from pathlib import Path
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import resolve_config
+from hemaseg.crossval.cv import make_folds
 from hemaseg.data.dataset import find_samples, load_sample, load_split
+from hemaseg.data.plan import configure
 from hemaseg.evaluation.evaluate import evaluate
 from hemaseg.inference.predictor import load_model
 from hemaseg.models.pretrained import check_left_out
-from hemaseg.crossval.cv import make_folds
-from hemaseg.data.plan import configure
 from hemaseg.training.train import fit
 
 # name -> (preset, overrides); `ultrasound` fine-tunes the packaged model, which must not have seen the set

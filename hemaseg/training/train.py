@@ -52,8 +52,10 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from hemaseg import __version__
+from hemaseg import __version__, distributed
 from hemaseg.config import RESUMABLE, RunConfig
+from hemaseg.data.batch_augment import BatchAugment
+from hemaseg.data.cache import IMAGE_SCALE, ScanCache, open_or_build
 from hemaseg.data.dataset import (
     LoadedDataset,
     find_groups,
@@ -64,11 +66,10 @@ from hemaseg.data.dataset import (
     save_split,
     split_train_val,
 )
-from hemaseg.data.batch_augment import BatchAugment
 from hemaseg.data.plan import configure
-from hemaseg.data.cache import IMAGE_SCALE, ScanCache, open_or_build
 from hemaseg.data.transforms import augment, build_augmentation, normalize
 from hemaseg.device import available_cpus, bf16_supported, describe_cpu, select_device
+from hemaseg.distributed import Distributed
 from hemaseg.evaluation.metrics import dice
 from hemaseg.evaluation.report import plot_curves
 from hemaseg.inference.backends import make_backend
@@ -77,8 +78,6 @@ from hemaseg.io import atomic_write_text, remove_stale_temps, write_csv
 from hemaseg.models import build_model
 from hemaseg.models.checkpoint import load_checkpoint, save_checkpoint
 from hemaseg.models.pretrained import load_imagenet_encoder, load_packaged_weights
-from hemaseg import distributed
-from hemaseg.distributed import Distributed
 from hemaseg.training.review import decide_on_validation
 
 log = logging.getLogger(__name__)

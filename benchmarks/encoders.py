@@ -33,7 +33,7 @@ import time
 import numpy as np
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 from PIL import Image
-from pretrained import save_held_out, score
+from pretrained import score
 
 from hemaseg.config import resolve_config
 from hemaseg.crossval.cv import make_folds
@@ -137,8 +137,7 @@ def main(argv=None) -> None:
                    "parameters": count_parameters(build_model(cfg.model)), "n_train": summary["n_train"],
                    "epochs": summary["epochs"], "images_seen": summary["images_seen"],
                    "train_cpu_min": round(cpu / 60, 2), "train_wall_min": round(wall / 60, 2),
-                   **score(out, data, split["val"])}
-            save_held_out(out, data, split["val"])  # for benchmarks/presence.py
+                   **score(out, data, split["val"], held_out=True)}  # held_out.npz for presence.py
             results[f"{name}/fold{k}"] = row
             runs[name] = out
             print(json.dumps(row), flush=True)

@@ -22,11 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from common import CREDITS, RESULTS, RUNS, hardware, require_data, table, write_result
 
 from hemaseg.config import resolve_config
 from hemaseg.crossval.cv import make_folds
-from hemaseg.data.dataset import find_samples, load_sample, load_split
+from hemaseg.data.dataset import load_split
 from hemaseg.data.plan import configure
 from hemaseg.evaluation.evaluate import evaluate
 from hemaseg.inference.predictor import load_model
@@ -38,31 +39,30 @@ VARIANTS = {"scratch": ("scratch", {}), "imagenet": ("imagenet", {}), "ultrasoun
 METRICS = ("dice_lesion", "dice_all", "fp_normals", "hd95_px_median", "lesion_sensitivity")
 
 
-def score(run, data, names) -> dict:
+def score(run, data, names, held_out: bool = False) -> dict:
+    """Lesion Dice etc. of RUN/last.pt on `names` with flip TTA; `held_out` also keeps what was predicted
+    in RUN/held_out.npz (`save_held_out`), from the same inference."""
     # final weights (best.pt was picked on these very scans) and no postprocessing: a run's own
     # postprocessing.json was decided on its validation split, which here is the held-out fold
     model = load_model(run / "last.pt", postprocess=False)
-    s = evaluate(model, str(data), names=names, progress=False, tta=True)["summary"]
+    result = evaluate(model, str(data), names=names, progress=False, tta=True, keep_masks=held_out)
+    if held_out:
+        save_held_out(run, result["rows"])
+    s = result["summary"]
     return {"dice_lesion": s["dice_mean_lesion"], "dice_all": s["dice_mean"],
             "fp_normals": s["n_false_positive_images"], "hd95_px_median": s.get("hd95_px_median"),
             "lesion_sensitivity": s.get("lesion_sensitivity"), "n_val": s["n_images"],
             "n_normal_val": s["n_true_negative_images"] + s["n_false_positive_images"], "backend": model.backend}
 
 
-def save_held_out(run, data, names) -> Path:
-    """RUN/held_out.npz: the final weights' flip-TTA probabilities (uint8, 0-255, at each scan's size, no
-    postprocessing) and the reference mask of every held-out scan, so decisions taken afterwards
-    (benchmarks/presence.py) need no second inference."""
-    import numpy as np
-
-    model = load_model(run / "last.pt", tta=True, postprocess=False)
-    samples = {s.name: s for s in find_samples(data)}
+def save_held_out(run, rows) -> Path:
+    """RUN/held_out.npz: the probabilities (uint8, 0-255, at each scan's size, no postprocessing) and the
+    reference mask of every scored scan (`evaluate(..., keep_masks=True)` rows), so decisions taken
+    afterwards (benchmarks/presence.py) need no second inference."""
     arrays = {}
-    for name in names:
-        image, ref = load_sample(samples[name])
-        prob = model.predict_proba_batch([image])[0]
-        arrays[f"prob/{name}"] = np.round(prob * 255).astype(np.uint8)
-        arrays[f"ref/{name}"] = ref
+    for r in rows:
+        arrays[f"prob/{r['name']}"] = np.round(r["prob"].astype(np.float32) * 255).astype(np.uint8)
+        arrays[f"ref/{r['name']}"] = r["ref"]
     path = Path(run) / "held_out.npz"
     np.savez_compressed(path, **arrays)
     return path

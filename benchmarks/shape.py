@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from common import CREDITS, RESULTS, RUNS, SHARED_DATA, hardware, require_data, table, write_result
 from encoders import cpu_seconds, lscpu_model, mean_sd, time_predict
-from pretrained import save_held_out, score
+from pretrained import score
 
 from hemaseg.config import format_size, resolve_config
 from hemaseg.crossval.cv import make_folds
@@ -121,10 +121,9 @@ def main(argv=None) -> None:
                    "fold": k, "n_train": summary["n_train"],
                    "epochs": summary["epochs"], "images_seen": summary["images_seen"],
                    "train_cpu_min": round(cpu / 60, 2), "train_wall_min": round(wall / 60, 2),
-                   **score(out, data, split["val"])}
+                   **score(out, data, split["val"], held_out=True)}  # held_out.npz for presence.py
             if args.dataset == "hc18":
                 row.update(head_circumference(out, data, split["val"]))
-            save_held_out(out, data, split["val"])  # for benchmarks/presence.py
             results[f"{name}/fold{k}"] = row
             runs[name] = out
             print(json.dumps(row), flush=True)

@@ -38,34 +38,36 @@ def decide_on_validation(run: Path, cfg: RunConfig, val_names: Sequence[str]) ->
     """Score best.pt on the validation scans; decide the postprocessing there (RUN/postprocessing.json),
     then fit the review head and its cut on the postprocessed masks (RUN/confidence.json), both read by
     `load_model(run)`. Returns {"postprocessing": ..., "review": ...}, what was written."""
+    plan = PostprocessPlan()
     if not val_names:
-        PostprocessPlan().save(run / "postprocessing.json", {"decided_on": None, "why": "no validation split"})
+        plan.save(run / "postprocessing.json", {"decided_on": None, "why": "no validation split"})
         review = {"threshold": None, "fitted_on": None,
                   "method": "rule of last resort (no validation split to fit a review decision on)"}
         atomic_write_text(run / "confidence.json", json.dumps(review, indent=2))
-        return {"postprocessing": asdict(PostprocessPlan()), "review": review}
+        return {"postprocessing": asdict(plan), "review": review}
     predictor = load_model(run, device=cfg.train.device, postprocess=False, backend="torch")
     rows = evaluate(predictor, cfg.data.root, names=val_names, mask_threshold=cfg.data.mask_threshold,
                     labels=cfg.data.labels, keep_masks=True, max_pixels=cfg.data.max_pixels,
                     progress=False)["rows"]
     n, threshold = len(rows), predictor.threshold
-    where = f"the validation split of this training run ({n} scans; best.pt was chosen on them)"
     if n >= TRUSTED_VAL_SCANS:
         plan, evidence = decide_plan([r["prob"] for r in rows], [r["ref"] for r in rows], threshold)
-        plan.save(run / "postprocessing.json", {"decided_on": where, **evidence})
+        plan.save(run / "postprocessing.json", {
+            "decided_on": f"the validation split of this training run ({n} scans; best.pt was chosen on them)",
+            **evidence})
         rows = [score_image(r["name"], r["prob"], r["ref"], predictor.to_mask(r["prob"], plan=plan), threshold)
                 | {"prob": r["prob"]} for r in rows]
     else:
-        plan = PostprocessPlan()
         plan.save(run / "postprocessing.json", {"decided_on": None, "why": f"{n} validation scans are too few "
                                                 f"to decide postprocessing on (it needs {TRUSTED_VAL_SCANS})"})
-    return {"postprocessing": asdict(plan), "review": _fit_review(run, rows, threshold, where)}
+    return {"postprocessing": asdict(plan), "review": _fit_review(run, rows, threshold)}
 
 
-def _fit_review(run: Path, rows: list[dict], threshold: float, where: str) -> dict:
+def _fit_review(run: Path, rows: list[dict], threshold: float) -> dict:
+    """The review head and its cut, fitted on the (postprocessed) validation rows; RUN/confidence.json."""
     failed, missed = failures(rows)
     n, n_failed = len(rows), int(failed.sum())
-    where = f"{where[:-1]}, {n_failed} failures)"
+    where = f"the validation split of this training run ({n} scans, {n_failed} failures; best.pt was chosen on them)"
     x = np.stack([review_features(r["prob"], r["pred"], threshold) for r in rows])
     head = ReviewHead.fit(x, ~failed, weights=np.where(missed, MISS_WEIGHT, 1.0))
     if head is None:
